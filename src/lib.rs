@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod clean_path;
 pub mod config;
 pub mod error;
 pub mod headers;

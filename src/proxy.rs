@@ -193,7 +193,7 @@ pub fn is_registry_path(path: &str) -> bool {
 fn upstream_uri(uri: &Uri, route: &Route, target: &UpstreamTarget) -> Result<Uri, ProxyError> {
     let path = uri.path();
     let upstream_path = route.upstream_path(path);
-    let path_and_query = if upstream_path.len() == path.len() {
+    let path_and_query = if upstream_path == path {
         uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"))
     } else {
         let joined = match uri.query() {

@@ -9,6 +9,8 @@ use std::borrow::Cow;
 
 use http::StatusCode;
 
+use crate::clean_path::clean_path;
+
 use crate::config::{Config, RouteSpec, HARBOR_CORE, HARBOR_PORTAL, NOTARY, RANCHER};
 
 /// Index of an upstream in [`RouteTable::upstreams`].
@@ -38,6 +40,9 @@ pub struct Route {
     pub kind: MatchKind,
     pub action: Action,
     pub strip_prefix: Option<String>,
+    /// Send the upstream a canonical path (see [`clean_path`]), for upstreams that
+    /// redirect every other form.
+    pub clean_path: bool,
 }
 
 impl Route {
@@ -49,14 +54,20 @@ impl Route {
         matched.then_some(self.path.len())
     }
 
-    /// The path to send upstream: `path` without the route's strip prefix.
-    pub fn upstream_path<'a>(&self, path: &'a str) -> &'a str {
-        match &self.strip_prefix {
+    /// The path to send upstream: `path` without the route's strip prefix, cleaned when
+    /// the route asks for it.
+    pub fn upstream_path<'a>(&self, path: &'a str) -> Cow<'a, str> {
+        let stripped = match &self.strip_prefix {
             Some(strip) if path_has_prefix(path, strip) => match &path[strip.len()..] {
                 "" => "/",
                 rest => rest,
             },
             _ => path,
+        };
+        if self.clean_path {
+            clean_path(stripped)
+        } else {
+            Cow::Borrowed(stripped)
         }
     }
 }
@@ -118,6 +129,7 @@ impl RouteTable {
                 kind,
                 action,
                 strip_prefix: strip.map(str::to_string),
+                clean_path: redirects_unclean_paths(upstream),
             });
         }
         routes.push(Route {
@@ -126,6 +138,7 @@ impl RouteTable {
             kind: MatchKind::Prefix,
             action: Action::Respond(StatusCode::NOT_FOUND, Cow::Borrowed("not found")),
             strip_prefix: None,
+            clean_path: false,
         });
         routes.push(Route {
             name: Cow::Borrowed("portal-redirect"),
@@ -133,6 +146,7 @@ impl RouteTable {
             kind: MatchKind::Exact,
             action: Action::AddTrailingSlash,
             strip_prefix: None,
+            clean_path: false,
         });
 
         for spec in &config.routes {
@@ -204,6 +218,12 @@ impl RouteTable {
     }
 }
 
+/// Whether the upstream answers non-canonical paths with a redirect: notary-server does,
+/// through gorilla/mux.
+fn redirects_unclean_paths(upstream: &str) -> bool {
+    upstream == NOTARY
+}
+
 fn not_configured_message(upstream: &str) -> Cow<'static, str> {
     match upstream {
         NOTARY => Cow::Borrowed("Notary is not enabled on this gateway"),
@@ -236,6 +256,7 @@ fn route_from_spec(spec: &RouteSpec, upstream_id: &dyn Fn(&str) -> Option<usize>
         kind,
         action,
         strip_prefix: spec.strip_prefix.clone(),
+        clean_path: spec.upstream.as_deref().is_some_and(redirects_unclean_paths),
     }
 }
 
@@ -282,7 +303,11 @@ token = "http://token"
         ("/registry/notary", "notary", "notary", "/"),
         ("/registry/notary/", "notary", "notary", "/"),
         ("/registry/notary/v2/a/b/c/_trust/tuf/root.json", "notary", "notary", "/v2/a/b/c/_trust/tuf/root.json"),
-        ("/registry/notary//v2/", "notary", "notary", "//v2/"),
+        ("/registry/notary//v2/", "notary", "notary", "/v2/"),
+        ("/registry/notary///v2//a/b/_trust/tuf/root.json", "notary", "notary", "/v2/a/b/_trust/tuf/root.json"),
+        ("/registry/notary/v2/a/../b/_trust/", "notary", "notary", "/v2/b/_trust/"),
+        ("/registry/notary/../../v2/", "notary", "notary", "/v2/"),
+        ("/registry//v2/", "portal", "harbor_portal", "//v2/"),
         ("/registry/notaryx", "portal", "harbor_portal", "/notaryx"),
         ("/registry/api/v2.0/projects", "harbor-api", "harbor_core", "/api/v2.0/projects"),
         ("/registry/c/login", "harbor-api", "harbor_core", "/c/login"),
@@ -352,6 +377,15 @@ token = "http://token"
             table.routes().iter().filter(|r| r.path == "/service/token").count(),
             1
         );
+    }
+
+    #[test]
+    fn configured_notary_route_cleans_path() {
+        let table = table("[[routes]]\nprefix = \"/notary\"\nupstream = \"notary\"\nstrip_prefix = \"/notary\"\n");
+        let route = table.find("/notary//v2/").unwrap();
+        assert_eq!(route.upstream_path("/notary//v2/"), "/v2/");
+        let other = table.find("/registry//v2/").unwrap();
+        assert_eq!(other.upstream_path("/registry//v2/"), "//v2/");
     }
 
     #[test]

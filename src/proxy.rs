@@ -189,7 +189,8 @@ pub fn is_registry_path(path: &str) -> bool {
 }
 
 /// The absolute URI the upstream client connects with. The path and query are the client's
-/// bytes, minus the route's strip prefix; nothing is decoded or normalized.
+/// bytes, minus the route's strip prefix; nothing is decoded, and only routes that ask for
+/// it (Notary) get a cleaned path.
 fn upstream_uri(uri: &Uri, route: &Route, target: &UpstreamTarget) -> Result<Uri, ProxyError> {
     let path = uri.path();
     let upstream_path = route.upstream_path(path);
@@ -265,4 +266,25 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn notary_upstream_uri_is_clean() {
+        let config = Config::parse(
+            Path::new("t.toml"),
+            "[listen]\nhttps = \"127.0.0.1:1\"\n[tls]\ncert = \"c\"\nkey = \"k\"\n[upstreams]\nnotary = \"http://notary:4443\"\n",
+        )
+        .unwrap();
+        let gateway = Gateway::new(&config).unwrap();
+        let uri: Uri = "/registry/notary//v2/x?a=b".parse().unwrap();
+        let route = gateway.routes().find(uri.path()).unwrap();
+        let target = &gateway.targets[0];
+        let sent = upstream_uri(&uri, route, target).unwrap();
+        assert_eq!(sent.to_string(), "http://notary:4443/v2/x?a=b");
+    }
 }

@@ -329,3 +329,4 @@ pub fn run(command: &mut Command) -> String {
 pub mod local_server;
 pub mod recorder;
 pub mod token_service;
+pub mod notary_server;

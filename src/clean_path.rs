@@ -1,6 +1,6 @@
 //! Canonical request paths for upstreams that redirect every other form.
 //!
-//! notary-server routes with gorilla/mux, which answers `301 Moved Permanently` to any path
+//! notary-server routes with gorilla/mux, which replies `301 Moved Permanently` to any path
 //! that differs from Go's `path.Clean` of it (empty segments, `.` and `..`), keeping a
 //! trailing `/`. The Notary client treats any 3xx as "server unreachable", and a server URL
 //! with a trailing slash (`https://host/registry/notary/`) makes it request

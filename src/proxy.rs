@@ -188,9 +188,9 @@ pub fn is_registry_path(path: &str) -> bool {
     path_has_prefix(path, "/v2")
 }
 
-/// The absolute URI the upstream client connects with. The path and query are the client's
-/// bytes, minus the route's strip prefix; nothing is decoded, and only routes that ask for
-/// it (Notary) get a cleaned path.
+/// Builds the absolute URI the upstream client connects with. The path and query are the
+/// client's bytes minus the route's strip prefix. Nothing is decoded, and only routes with
+/// `clean_path` set (Notary) get a cleaned path.
 fn upstream_uri(uri: &Uri, route: &Route, target: &UpstreamTarget) -> Result<Uri, ProxyError> {
     let path = uri.path();
     let upstream_path = route.upstream_path(path);

@@ -40,8 +40,8 @@ pub struct Route {
     pub kind: MatchKind,
     pub action: Action,
     pub strip_prefix: Option<String>,
-    /// Send the upstream a canonical path (see [`clean_path`]), for upstreams that
-    /// redirect every other form.
+    /// Whether the upstream gets the canonical path (see [`clean_path`]), because it
+    /// redirects every other form.
     pub clean_path: bool,
 }
 
@@ -55,7 +55,7 @@ impl Route {
     }
 
     /// The path to send upstream: `path` without the route's strip prefix, cleaned when
-    /// the route asks for it.
+    /// the route sets `clean_path`.
     pub fn upstream_path<'a>(&self, path: &'a str) -> Cow<'a, str> {
         let stripped = match &self.strip_prefix {
             Some(strip) if path_has_prefix(path, strip) => match &path[strip.len()..] {
@@ -218,8 +218,8 @@ impl RouteTable {
     }
 }
 
-/// Whether the upstream answers non-canonical paths with a redirect: notary-server does,
-/// through gorilla/mux.
+/// Whether the upstream redirects non-canonical paths. notary-server does, through
+/// gorilla/mux.
 fn redirects_unclean_paths(upstream: &str) -> bool {
     upstream == NOTARY
 }

@@ -127,10 +127,12 @@ fn notary_cli_through_gateway() {
     // A second client with an empty trust directory reads what the first published.
     let reader = NotaryClient::new("alice", "alice-password");
     let listed = reader.expect_success(&server, &["list", GUN]);
-    assert!(listed.contains("v1") && listed.contains(&target_hex), "{listed}");
+    assert!(listed.contains("v1"), "{listed}");
+    assert!(listed.contains(&target_hex), "{listed}");
     assert!(listed.contains(&target_size.to_string()), "{listed}");
     let found = reader.expect_success(&server, &["lookup", GUN, "v1"]);
-    assert!(found.contains(&format!("v1 sha256:{target_hex} {target_size}")) || found.contains(&target_hex), "{found}");
+    assert!(found.contains(&target_hex), "{found}");
+    assert!(found.contains(&target_size.to_string()), "{found}");
 
     // A server URL with a trailing slash makes the client request `…/notary//v2/…`. The
     // gateway sends notary-server the clean path, so the client sees no redirect (which it
@@ -184,7 +186,7 @@ async fn notary_paths_never_redirect() {
     let client = https_client(Protocol::Http1);
     let public_realm = format!("https://localhost:{}/service/token", gateway.port);
 
-    // (path, expected status). With token auth on, notary-server asks for a token even
+    // (path, expected status). With token auth on, notary-server requests a token even
     // for paths it has no handler for.
     let cases = [
         ("/registry/notary", StatusCode::UNAUTHORIZED),

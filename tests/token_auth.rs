@@ -24,8 +24,8 @@ fn policy() -> Policy {
         .project("other", false, &["carol"])
 }
 
-/// The registry trusting `tokens`, and the gateway in front of both, with the token routes
-/// pointed at the stand-in as an operator would point them at Harbor core.
+/// Starts the registry trusting `tokens`, and the gateway in front of both, with the token
+/// routes pointed at the stand-in as an operator would point them at Harbor core.
 fn start_stack(tokens: &TokenService) -> (Registry, Gateway) {
     let registry = Registry::start_with(&tokens.registry_auth_yaml());
     let gateway = Gateway::start(&token_gateway_config(registry.url(), tokens.url()));
@@ -72,7 +72,7 @@ fn write_oci_image(dir: &Path, tag: &str, layer: &[u8]) -> String {
     manifest_digest
 }
 
-/// The manifest digest that an OCI layout's index lists first.
+/// Reads the manifest digest that an OCI layout's index lists first.
 fn oci_manifest_digest(dir: &Path) -> String {
     let index: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
     index["manifests"][0]["digest"].as_str().unwrap().to_string()
@@ -171,7 +171,8 @@ fn skopeo_push_pull_with_token_auth() {
     assert_success(&pulled, "anonymous pull of public/base");
     assert_eq!(oci_manifest_digest(&anonymous_dir), manifest_digest);
 
-    // A wrong password is rejected by the token service, and the client says 401.
+    // A wrong password gets a 401 from the token service, which skopeo reports as
+    // "invalid username/password" with the service's message.
     let rejected = skopeo.copy(
         &format!("docker://{host}/private/app:v1"),
         &format!("oci:{}:v1", work.path().join("wrong-password").display()),
@@ -179,7 +180,8 @@ fn skopeo_push_pull_with_token_auth() {
     );
     assert!(!rejected.status.success(), "pull with a wrong password succeeded");
     let message = stderr(&rejected);
-    assert!(message.contains("401") || message.contains("invalid username/password"), "{message}");
+    assert!(message.contains("invalid username/password"), "{message}");
+    assert!(message.contains("invalid user name or password"), "{message}");
 
     // Another project's member and an anonymous client are both denied by the registry.
     for (who, flag) in [("carol", vec!["--src-creds", "carol:carol-password"]), ("anonymous", vec!["--src-no-creds"])] {
@@ -277,7 +279,7 @@ async fn realm_rewrite_keeps_service_scope_and_port() {
     let client = https_client(Protocol::Http1);
     let internal_realm = tokens.realm();
 
-    // (method, path, scope the registry asks for)
+    // (method, path, scope the registry requests)
     let cases = [
         (Method::GET, "/v2/", None),
         (Method::GET, "/v2/private/app/manifests/v1", Some("repository:private/app:pull")),

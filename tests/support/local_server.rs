@@ -82,7 +82,7 @@ impl Drop for LocalServer {
     }
 }
 
-/// A response with a complete body.
+/// Builds a response with a complete body.
 pub fn respond(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Response<ServerBody> {
     let mut response = Response::builder().status(status);
     for (name, value) in headers {

@@ -62,8 +62,9 @@ impl NotaryServer {
         format!("http://{}", self.addr)
     }
 
-    /// The request URIs in notary-server's own log: it logs `http.request.uri` for every
-    /// request that its handlers see.
+    /// Collects the request URIs from notary-server's own log, which records
+    /// `http.request.uri` for every request that reaches its handlers. Redirects made by its
+    /// router are not logged.
     pub fn logged_request_uris(&self) -> Vec<String> {
         self.process
             .log_text()

@@ -122,12 +122,12 @@ impl TokenService {
         }
     }
 
-    /// The internal origin, for the gateway's `[upstreams]`.
+    /// Returns the internal origin, for the gateway's `[upstreams]`.
     pub fn url(&self) -> String {
         self.server.url()
     }
 
-    /// The realm that verifiers put in their challenges: the internal URL, as Harbor's
+    /// Returns the realm that verifiers put in their challenges: the internal URL, as Harbor's
     /// registry and Notary configurations do when the public URL is unknown to them.
     pub fn realm(&self) -> String {
         format!("{}/service/token", self.server.url())
@@ -137,7 +137,7 @@ impl TokenService {
         self.requests.lock().unwrap().clone()
     }
 
-    /// The `auth:` section of a distribution registry configuration that trusts this service.
+    /// Builds the `auth:` section of a distribution registry configuration that trusts this service.
     pub fn registry_auth_yaml(&self) -> String {
         format!(
             "auth:\n  token:\n    realm: {realm}\n    service: {REGISTRY_SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {bundle}\n",
@@ -163,7 +163,7 @@ impl Issuer {
         let response = if path != "/service/token" {
             respond(404, &[("content-type", "text/plain")], "not found")
         } else if !matches!(service.as_deref(), Some(REGISTRY_SERVICE | NOTARY_SERVICE)) {
-            // Harbor answers 400 for a service it has no token creator for.
+            // Harbor rejects with 400 a service it has no token creator for.
             error_json(400, "BAD_REQUEST", &format!("Unable to handle service: {}", service.unwrap_or_default()))
         } else {
             match credentials {
@@ -192,7 +192,7 @@ impl Issuer {
         response
     }
 
-    /// The access entry for one requested scope `type:name:actions`, with the actions this
+    /// Builds the access entry for one requested scope `type:name:actions`, with the actions this
     /// user may take. Like Harbor, a scope that grants nothing is kept with no actions.
     fn grant(&self, user: Option<&str>, service: &str, scope: &str) -> Option<serde_json::Value> {
         let (kind, rest) = scope.split_once(':')?;

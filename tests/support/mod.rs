@@ -326,4 +326,6 @@ pub fn run(command: &mut Command) -> String {
     assert!(output.status.success(), "{command:?} failed with {}:\n{stdout}\n{stderr}", output.status);
     stdout
 }
+pub mod browser;
+pub mod portal;
 pub mod rancher;

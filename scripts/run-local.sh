@@ -16,7 +16,7 @@ cargo build --release --locked --quiet
 
 state=${STATE_DIR:-$(mktemp -d /tmp/harbor-gateway-demo.XXXXXX)}
 mkdir -p "$state/certs.d" "$state/registry"
-# skopeo reads every *.crt in a certificate directory as a CA; certs-test also holds keys,
+# skopeo reads every *.crt in a certificate directory as a CA. certs-test also contains keys,
 # which skopeo would take for client certificates, so the CA gets a folder of its own.
 cp certs-test/ca.crt "$state/certs.d/ca.crt"
 

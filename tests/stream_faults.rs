@@ -17,11 +17,11 @@ enum Behaviour {
     ShortBody,
     /// Sends headers and 1000 bytes of a 1 MiB body, then goes silent.
     StallMidBody,
-    /// Reads the request and never answers.
+    /// Reads the request and never responds.
     NeverAnswer,
 }
 
-/// A raw HTTP/1.1 upstream on an ephemeral port that misbehaves as told.
+/// Starts a raw HTTP/1.1 upstream on an ephemeral port that fails in the given way.
 async fn raw_upstream(behaviour: Behaviour) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();

@@ -65,20 +65,22 @@ impl Gateway {
 
     /// Serves one request from a downstream client; every failure becomes a response.
     pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
-        let registry_path = is_registry_path(request.uri().path());
+        // Cloning the URI and method only bumps reference counts; they are kept for the
+        // error log line after the request has moved upstream.
+        let uri = request.uri().clone();
         let method = request.method().clone();
-        let path = request.uri().path().to_string();
 
         match self.route(request, peer).await {
             Ok(response) => response,
             Err(error) => {
                 let status = error.status();
+                let path = uri.path();
                 if status.is_server_error() {
-                    tracing::warn!(%peer, %method, %path, %status, error = %error_chain(&error), "request failed");
+                    tracing::warn!(%peer, %method, path, %status, error = %error_chain(&error), "request failed");
                 } else {
-                    tracing::debug!(%peer, %method, %path, %status, error = %error, "request rejected");
+                    tracing::debug!(%peer, %method, path, %status, error = %error, "request rejected");
                 }
-                error.into_response(registry_path)
+                error.into_response(is_registry_path(path))
             }
         }
     }
@@ -113,7 +115,8 @@ impl Gateway {
         let mut request = request;
         let target = &self.targets[upstream];
         let idle = self.idle_timeout(request.uri().path());
-        let path = request.uri().path().to_string();
+        // The path is kept only for the tunnel's log lines.
+        let tunnel_path = upgrade.as_ref().map(|_| request.uri().path().to_string());
         let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         let method = parts.method.clone();
@@ -129,10 +132,10 @@ impl Gateway {
                 .cloned()
                 .ok_or(ProxyError::BadRequest("missing Host header".into()))?,
         };
-        let public_host = host
-            .to_str()
-            .map_err(|_| ProxyError::BadRequest("Host header is not ASCII".into()))?
-            .to_string();
+        if host.to_str().is_err() {
+            return Err(ProxyError::BadRequest("Host header is not ASCII".into()));
+        }
+        let public_host = host.clone();
 
         headers::remove_hop_by_hop(&mut parts.headers);
         // The gateway already answered `Expect: 100-continue` to its client when it began
@@ -183,18 +186,20 @@ impl Gateway {
         let (mut parts, body) = response.into_parts();
         let upstream_protocol = parts.headers.get(header::UPGRADE).cloned();
         headers::remove_hop_by_hop(&mut parts.headers);
-        let context = RewriteContext {
-            table: &self.table,
-            origins: &self.origins,
-            public_host: &public_host,
-            route,
-            upstream,
-        };
-        rewrite_response_headers(&mut parts.headers, &context);
+        if parts.headers.contains_key(header::LOCATION) || parts.headers.contains_key(header::WWW_AUTHENTICATE) {
+            let context = RewriteContext {
+                table: &self.table,
+                origins: &self.origins,
+                public_host: public_host.to_str().expect("checked to be ASCII above"),
+                route,
+                upstream,
+            };
+            rewrite_response_headers(&mut parts.headers, &context);
+        }
 
         if let (Some(upgrade), Some(downstream), Some(upstream_side)) = (upgrade, downstream_upgrade, upstream_upgrade) {
             parts.status = upgrade.prepare_downstream(upstream_protocol, &mut parts.headers);
-            upgrade::spawn_tunnel(downstream, upstream_side, idle, target.name.clone(), path);
+            upgrade::spawn_tunnel(downstream, upstream_side, idle, target.name.clone(), tunnel_path.unwrap_or_default());
             return Ok(Response::from_parts(parts, ProxyBody::empty()));
         }
 

@@ -105,7 +105,7 @@ impl UpgradeRequest {
                 StatusCode::SWITCHING_PROTOCOLS
             }
             UpgradeRequest::ExtendedConnect => {
-                // The accept value answers the gateway's own key; the HTTP/2 client sent none.
+                // The accept value matches the gateway's own key; the HTTP/2 client sent none.
                 headers.remove(SEC_WEBSOCKET_ACCEPT);
                 StatusCode::OK
             }
@@ -113,7 +113,7 @@ impl UpgradeRequest {
     }
 }
 
-/// A fresh `Sec-WebSocket-Key`: 16 random bytes in base64 (RFC 6455 section 4.1).
+/// Generates a fresh `Sec-WebSocket-Key`: 16 random bytes in base64 (RFC 6455 section 4.1).
 fn websocket_key() -> HeaderValue {
     // RandomState is seeded from the operating system's random source; the key is a nonce
     // that proves the upstream speaks WebSocket, not a secret.

@@ -1,5 +1,5 @@
 //! The Harbor portal under `/registry/` in a real headless Chromium: the page loads through
-//! the gateway with its `<base href>` rewritten, every asset answers 200, sign-in works and
+//! the gateway with its `<base href>` rewritten, every asset returns 200, sign-in works and
 //! the project list renders. Plus the portal's redirects and the root carve-outs to core,
 //! checked with a plain HTTPS client.
 

@@ -47,7 +47,7 @@ fn gateway_for(rancher: &Rancher, extra: &str) -> Gateway {
     ))
 }
 
-/// A TLS connection to the gateway that trusts the test CA and offers one ALPN protocol.
+/// Opens a TLS connection to the gateway that trusts the test CA and offers one ALPN protocol.
 async fn tls_connect(port: u16, alpn: &[u8]) -> TlsStream<TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca_file()).unwrap() {
@@ -114,7 +114,7 @@ async fn websocket_over_http1_relays_frames() {
     assert_eq!(next_message(&mut socket).await, Message::text(GREETING));
     assert_echo(&mut socket).await;
 
-    // Client-initiated close: the fixture must see our code, and we must see its answer.
+    // Client-initiated close: the fixture must see our code, and we must see its reply.
     let close = CloseFrame { code: CloseCode::from(4000), reason: "bye".into() };
     socket.close(Some(close)).await.unwrap();
     match next_message(&mut socket).await {
@@ -214,7 +214,8 @@ async fn plain_connect_not_implemented() {
     assert!(reply.contains("CONNECT tunnels are not supported"), "{reply}");
 }
 
-/// The fixture's JSON echo of the request that reached Rancher.
+/// Sends a request that must reach Rancher; returns the response headers and the
+/// fixture's JSON echo of the request.
 async fn send_to_rancher(client: &HttpsClient, request: Request<TestBody>) -> (http::HeaderMap, serde_json::Value) {
     let response = tokio::time::timeout(STEP, client.request(request)).await.unwrap().unwrap();
     assert_eq!(response.status(), StatusCode::OK);

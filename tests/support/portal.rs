@@ -7,7 +7,7 @@
 //! sent in small frames with a `Content-Length`, as a static file server would, so a
 //! gateway that forgot to drop `Content-Length` after rewriting breaks the page.
 //!
-//! Core answers the portal's absolute calls: `/api/v2.0/systeminfo` hands out a CSRF token
+//! Core serves the portal's absolute calls: `/api/v2.0/systeminfo` hands out a CSRF token
 //! (cookie `__csrf` plus header `X-Harbor-CSRF-Token`), `POST /c/login` checks the token and
 //! the credentials and sets `sid`, and `/api/v2.0/projects` needs both.
 
@@ -208,7 +208,7 @@ const EN_US_LANG: &str = r#"{"SIGN_IN.USERNAME":"Username","SIGN_IN.PASSWORD":"P
 
 const LOGO_SVG: &str = r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 40 40"><circle cx="20" cy="20" r="18" fill="#60b932"/></svg>"##;
 
-/// The portal: static files, the SPA fallback, and one relative redirect.
+/// Starts the portal: static files, the SPA fallback, and one relative redirect.
 pub async fn start_portal() -> Fixture {
     serve(|request: SeenRequest, _body: Bytes| async move {
         let path = request.target.split('?').next().unwrap_or("").to_string();
@@ -231,7 +231,7 @@ pub async fn start_portal() -> Fixture {
     .await
 }
 
-/// Harbor core: CSRF token, sign-in, projects, and an echo for other carve-out paths.
+/// Starts Harbor core: CSRF token, sign-in, projects, and an echo for other carve-out paths.
 pub async fn start_core() -> Fixture {
     let sessions: Arc<Mutex<HashMap<String, ()>>> = Arc::default();
     let counter = Arc::new(AtomicU64::new(1));

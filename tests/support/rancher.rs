@@ -76,7 +76,7 @@ impl Rancher {
         Rancher { addr, seen }
     }
 
-    /// The upstream URL for the gateway's `[upstreams] rancher`.
+    /// Returns the upstream URL for the gateway's `[upstreams] rancher`.
     pub fn url(&self) -> String {
         format!("https://127.0.0.1:{}", self.addr.port())
     }
@@ -163,7 +163,7 @@ fn accept_websocket(mut request: Request<Incoming>, seen: Arc<Mutex<Seen>>) -> R
                 Message::Close(frame) => {
                     let (code, reason) = frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
                     seen.lock().unwrap().client_closes.push((code, reason));
-                    // tungstenite answers the close frame by itself on the next poll.
+                    // tungstenite replies to the close frame by itself on the next poll.
                 }
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
             }

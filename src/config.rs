@@ -23,6 +23,10 @@ pub const DEFAULT_TLS_HANDSHAKE_SECONDS: u64 = 10;
 pub const DEFAULT_HEADER_READ_SECONDS: u64 = 30;
 /// Seconds that in-flight requests get to finish after SIGTERM before the process exits.
 pub const DEFAULT_DRAIN_SECONDS: u64 = 60;
+/// Seconds between checks of the configuration, certificate and key files for changes.
+/// The kubelet refreshes a mounted Secret within about a minute, so a few seconds more
+/// is not noticed, and a check is a few `stat` calls.
+pub const DEFAULT_WATCH_INTERVAL_SECONDS: u64 = 5;
 
 /// The well-known upstream names that the default route table uses.
 pub const HARBOR_CORE: &str = "harbor_core";
@@ -64,6 +68,8 @@ struct RawConfig {
     routes: Vec<RouteSpec>,
     #[serde(default)]
     proxy: RawProxy,
+    #[serde(default)]
+    reload: RawReload,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,6 +84,13 @@ struct RawListen {
 struct RawTls {
     cert: PathBuf,
     key: PathBuf,
+    ca_bundle: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReload {
+    watch_interval: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +166,10 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub routes: Vec<RouteSpec>,
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// PEM CA bundle served at `/registry/ca.crt`; no such route when `None`.
+    pub ca_bundle_path: Option<PathBuf>,
+    /// How often to check the watched files for changes; `None` turns watching off.
+    pub watch_interval: Option<Duration>,
 }
 
 impl Config {
@@ -237,6 +254,11 @@ impl Config {
             admin_addr,
             cert_path: raw.tls.cert,
             key_path: raw.tls.key,
+            ca_bundle_path: raw.tls.ca_bundle,
+            watch_interval: match raw.reload.watch_interval.unwrap_or(DEFAULT_WATCH_INTERVAL_SECONDS) {
+                0 => None,
+                seconds => Some(Duration::from_secs(seconds)),
+            },
             upstreams,
             upstream_ca_file: raw.upstream_tls.ca_file,
             timeouts,

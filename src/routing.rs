@@ -28,6 +28,8 @@ pub enum Action {
     Respond(StatusCode, Cow<'static, str>),
     /// Permanent redirect (308) to the same path with a trailing `/`.
     AddTrailingSlash,
+    /// The gateway answers with the CA bundle named by `tls.ca_bundle`.
+    ServeCaBundle,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +78,9 @@ pub struct RouteTable {
     /// Upstream names, indexed by [`UpstreamId`].
     upstreams: Vec<String>,
 }
+
+/// Where the gateway serves `tls.ca_bundle`, beside the portal it would otherwise reach.
+pub const CA_BUNDLE_PATH: &str = "/registry/ca.crt";
 
 /// The default table, as Harbor's own front proxy lays out its paths, adapted to share the
 /// host with Rancher: `(name, kind, path, upstream, strip_prefix)`.
@@ -134,6 +139,16 @@ impl RouteTable {
             action: Action::AddTrailingSlash,
             strip_prefix: None,
         });
+
+        if config.ca_bundle_path.is_some() {
+            routes.push(Route {
+                name: Cow::Borrowed("ca-bundle"),
+                path: CA_BUNDLE_PATH.to_string(),
+                kind: MatchKind::Exact,
+                action: Action::ServeCaBundle,
+                strip_prefix: None,
+            });
+        }
 
         for spec in &config.routes {
             let route = route_from_spec(spec, &upstream_id);

@@ -118,7 +118,7 @@ impl Reloader {
         let loaded = match loaded {
             Ok(Ok(loaded)) => loaded,
             Ok(Err(error)) => {
-                tracing::error!(trigger, error = %error_chain(&error),
+                tracing::error!(trigger, error = %one_line(&error_chain(&error)),
                     "reload failed; the previous configuration and certificate stay in force");
                 self.metrics.reload_finished(false);
                 return false;
@@ -201,6 +201,12 @@ impl Reloader {
         paths.extend(config.ca_bundle_path.clone());
         (paths, config.watch_interval)
     }
+}
+
+/// Joins a multi-line message, such as a TOML parse error with its source excerpt, so
+/// that it stays one log line.
+fn one_line(text: &str) -> String {
+    text.lines().map(str::trim).filter(|line| !line.is_empty()).collect::<Vec<_>>().join(" ")
 }
 
 /// What identifies one version of a file: the file behind the symlinks, its size and its

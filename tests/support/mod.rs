@@ -326,3 +326,4 @@ pub fn run(command: &mut Command) -> String {
     assert!(output.status.success(), "{command:?} failed with {}:\n{stdout}\n{stderr}", output.status);
     stdout
 }
+pub mod ops;

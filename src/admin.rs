@@ -17,7 +17,8 @@ use crate::metrics::TEXT_CONTENT_TYPE;
 use crate::reload::SharedGateway;
 
 /// How long `/readyz` waits for the name of one upstream to resolve. Kubernetes probes
-/// time out after 1 s by default, so a slow resolver answers "not ready" before that.
+/// time out after 1 s by default, so the probe reports a slow resolver as not ready
+/// before that.
 const RESOLVE_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// Process state that the probes report.
@@ -45,7 +46,7 @@ impl Health {
     }
 }
 
-/// What the admin endpoints read.
+/// State that the admin endpoints read.
 pub struct AdminState {
     pub health: Arc<Health>,
     pub gateway: SharedGateway,

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
-/// A CA bundle holds a handful of certificates; anything larger is the wrong file.
+/// A CA bundle contains a handful of certificates, so anything larger is the wrong file.
 const MAX_BUNDLE_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]

@@ -152,7 +152,7 @@ impl Connection {
     }
 }
 
-/// The `reason` label for a failed handshake; one of
+/// Returns the `reason` label for a failed handshake, one of
 /// [`crate::metrics::HANDSHAKE_FAILURE_REASONS`].
 fn handshake_failure_reason(error: &std::io::Error) -> &'static str {
     use std::io::ErrorKind;

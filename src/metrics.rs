@@ -27,7 +27,7 @@ const DURATION_BUCKETS: &[f64] = &[
 const METHOD_LABELS: [&str; 8] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"];
 const STATUS_CLASS_LABELS: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
 
-/// Why a TLS handshake with a client failed; the values of the `reason` label.
+/// Values of the `reason` label: the causes of failed TLS handshakes with clients.
 pub const HANDSHAKE_FAILURE_REASONS: [&str; 7] = [
     "timeout",
     "connection_closed",

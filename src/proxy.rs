@@ -104,7 +104,7 @@ impl Gateway {
         self
     }
 
-    /// The `host:port` of every upstream, for the readiness probe's name resolution.
+    /// Returns the `host:port` of every upstream, for the readiness probe's name resolution.
     pub fn upstream_authorities(&self) -> impl Iterator<Item = (&str, String)> {
         self.targets.iter().map(|target| {
             let port = target.authority.port_u16().unwrap_or(if target.scheme == Scheme::HTTPS { 443 } else { 80 });

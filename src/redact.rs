@@ -54,10 +54,10 @@ impl fmt::Display for LoggedTarget<'_> {
     }
 }
 
-/// Whether a raw (still percent-encoded) parameter name carries a credential.
+/// Returns whether a raw (still percent-encoded) parameter name carries a credential.
 fn is_secret(name: &str) -> bool {
-    // A name written with percent-escapes is rare and suspicious; hide its value too,
-    // rather than decode names on every logged request.
+    // A name written with percent-escapes is rare and may hide a secret name, so its
+    // value is hidden too. Decoding every name on every logged request would cost more.
     name.contains('%')
         || SECRET_PARAMETERS
             .iter()

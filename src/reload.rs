@@ -8,7 +8,7 @@
 //!
 //! Files are watched by polling their metadata, following symlinks. Kubernetes updates a
 //! mounted Secret or ConfigMap by pointing the `..data` symlink at a new directory, which
-//! changes the inode behind `tls.crt`. Polling sees that, works on every file system, and
+//! changes the inode behind `tls.crt`. Polling detects that, works on every file system, and
 //! needs no inotify watch on a parent directory that the kubelet replaces.
 
 use std::net::SocketAddr;
@@ -99,7 +99,7 @@ impl Reloader {
         }
     }
 
-    /// The configuration in force.
+    /// Returns a copy of the configuration in force.
     pub async fn current(&self) -> Config {
         self.current.lock().await.clone()
     }
@@ -209,7 +209,7 @@ fn one_line(text: &str) -> String {
     text.lines().map(str::trim).filter(|line| !line.is_empty()).collect::<Vec<_>>().join(" ")
 }
 
-/// What identifies one version of a file: the file behind the symlinks, its size and its
+/// Identity of one version of a file: the file behind the symlinks, its size and its
 /// modification and change times. `None` while the file is missing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Fingerprint {
@@ -248,7 +248,7 @@ mod tests {
         let second = dir.path().join("..2025_02");
         std::fs::create_dir(&first).unwrap();
         std::fs::create_dir(&second).unwrap();
-        // Same content and size in both versions: only the inode tells them apart.
+        // Same content and size in both versions: only the inode differs.
         std::fs::write(first.join("tls.crt"), "same").unwrap();
         std::fs::write(second.join("tls.crt"), "same").unwrap();
         symlink("..2025_01", dir.path().join("..data")).unwrap();

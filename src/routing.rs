@@ -28,7 +28,7 @@ pub enum Action {
     Respond(StatusCode, Cow<'static, str>),
     /// Permanent redirect (308) to the same path with a trailing `/`.
     AddTrailingSlash,
-    /// The gateway answers with the CA bundle named by `tls.ca_bundle`.
+    /// The gateway responds with the CA bundle named by `tls.ca_bundle`.
     ServeCaBundle,
 }
 
@@ -79,7 +79,7 @@ pub struct RouteTable {
     upstreams: Vec<String>,
 }
 
-/// Where the gateway serves `tls.ca_bundle`, beside the portal it would otherwise reach.
+/// Path at which the gateway serves `tls.ca_bundle`, inside the portal's prefix.
 pub const CA_BUNDLE_PATH: &str = "/registry/ca.crt";
 
 /// The default table, as Harbor's own front proxy lays out its paths, adapted to share the

@@ -65,8 +65,9 @@ pub fn prepare(config_path: &Path) -> Result<Prepared, StartError> {
     Ok(Prepared { config, certificates, leaf, gateway: Arc::new(gateway) })
 }
 
-/// Serves until SIGTERM or SIGINT, reloading on SIGHUP and on file changes; then stops
-/// accepting, lets in-flight requests finish for up to the drain period, and returns.
+/// Serves until SIGTERM or SIGINT, reloading on SIGHUP and on file changes. After the
+/// signal it stops accepting, lets in-flight requests finish for up to the drain period,
+/// and returns.
 pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let Prepared { config, certificates, leaf, gateway } = prepared;
     let metrics = gateway.metrics().clone();

@@ -29,7 +29,7 @@ const CLIENT_CLOSED: u16 = 499;
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 static NEXT_REQUEST_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A process-unique id for log lines about one client connection.
+/// Returns a process-unique id for log lines about one client connection.
 pub fn next_connection_id() -> u64 {
     NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed)
 }
@@ -46,7 +46,7 @@ pub struct ConnectionInfo {
     pub span: tracing::Span,
 }
 
-/// How a request ended, as the access log's `outcome` field reports it.
+/// Outcome of a request, as the access log's `outcome` field reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
     /// The whole response went out.
@@ -87,18 +87,16 @@ pub fn upstream_failure(error: &ProxyError) -> Option<UpstreamFailure> {
     }
 }
 
-/// Whether the client's request body broke the exchange: a stalled upload or a client
-/// that reset its stream midway surfaces as a failed upstream request too.
+/// Returns whether the client's request body broke the exchange. A stalled upload, or a
+/// client that resets its stream midway, surfaces as a failed upstream request too.
 fn caused_by_request_body(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     while let Some(error) = cause {
         if error.is::<IdleTimeoutError>() {
             return true;
         }
-        if let Some(hyper_error) = error.downcast_ref::<hyper::Error>() {
-            if hyper_error.is_user() {
-                return true;
-            }
+        if error.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_user) {
+            return true;
         }
         cause = error.source();
     }
@@ -150,7 +148,7 @@ impl Exchange {
         self.state.as_ref().expect("an exchange is finished only by drop or respond")
     }
 
-    /// The process-unique request id that log lines about this request carry.
+    /// Returns the process-unique request id that log lines about this request carry.
     pub fn id(&self) -> u64 {
         self.state().id
     }
@@ -260,7 +258,7 @@ impl ExchangeState {
         );
     }
 
-    /// Whether the response can have no body, so hyper may drop it unread.
+    /// Returns whether the response has no body, so that hyper may drop it unread.
     fn bodiless(&self) -> bool {
         self.method == Method::HEAD
             || self.status.is_informational()
@@ -365,12 +363,10 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = &mut *self;
         let polled = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        if let Some(Ok(frame)) = &polled {
-            if let Some(data) = frame.data_ref() {
-                let length = data.len() as u64;
-                this.total.fetch_add(length, Ordering::Relaxed);
-                this.counter.inc_by(length);
-            }
+        if let Some(data) = polled.as_ref().and_then(|frame| frame.as_ref().ok()).and_then(Frame::data_ref) {
+            let length = data.len() as u64;
+            this.total.fetch_add(length, Ordering::Relaxed);
+            this.counter.inc_by(length);
         }
         Poll::Ready(polled)
     }

@@ -32,20 +32,20 @@ async fn body_length(response: http::Response<hyper::body::Incoming>) -> u64 {
     response.into_body().collect().await.unwrap().to_bytes().len() as u64
 }
 
-/// An upstream that accepts connections and never answers.
+/// An upstream that accepts connections and never responds.
 async fn silent_upstream() -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
-        let mut held = Vec::new();
+        let mut open_streams = Vec::new();
         while let Ok((stream, _)) = listener.accept().await {
-            held.push(stream);
+            open_streams.push(stream);
         }
     });
     port
 }
 
-/// An upstream that reads the request head and closes the connection without answering.
+/// An upstream that reads the request head and closes the connection without responding.
 async fn closing_upstream() -> u16 {
     use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

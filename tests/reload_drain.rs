@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use support::ops::*;
 use support::*;
 
-/// An HTTP/1.1 connection of its own, so a test can tell that it stays open.
+/// Opens an HTTP/1.1 connection of its own, so a test can tell that it stays open.
 async fn open_connection(port: u16) -> (SendRequest<TestBody>, Vec<u8>) {
     let stream = tls_connect(port, true, &[b"http/1.1"]).await.unwrap();
     let leaf = peer_leaf(&stream);
@@ -189,7 +189,7 @@ async fn read_into(body: &mut hyper::body::Incoming, hasher: &mut Sha256, mut to
     Ok(total)
 }
 
-fn https_port_refuses(port: u16) -> bool {
+fn https_port_closed(port: u16) -> bool {
     std::net::TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_millis(200)).is_err()
 }
 
@@ -221,7 +221,7 @@ async fn sigterm_drains_blob_download() {
         let (_, text) = admin_get(&gateway, "/readyz").await;
         assert!(text.contains("draining"), "{text}");
         wait_until(Duration::from_secs(5), "the https listener to close", || {
-            std::future::ready(https_port_refuses(gateway.port))
+            std::future::ready(https_port_closed(gateway.port))
         })
         .await;
         assert!(gateway.process.child.try_wait().unwrap().is_none(), "{protocol:?}: exited during the transfer");
@@ -237,7 +237,8 @@ async fn sigterm_drains_blob_download() {
         let log = gateway.process.log_text();
         assert!(log.contains("draining signal=\"SIGTERM\""), "{log}");
         assert!(log.contains("all connections closed; exiting"), "{log}");
-        assert!(log.contains("status=200") && log.contains("outcome=\"complete\""), "{log}");
+        assert!(log.contains("status=200"), "{log}");
+        assert!(log.contains("outcome=\"complete\""), "{log}");
     }
 }
 

@@ -56,7 +56,7 @@ pub async fn admin_get(gateway: &Gateway, path: &str) -> (u16, String) {
     (status, decode_chunked(body))
 }
 
-/// The admin listener answers small bodies with a length, but hyper may choose chunked
+/// The admin listener sends small bodies with a length, but hyper may choose chunked
 /// encoding; this undoes it when the body starts with a chunk size line.
 fn decode_chunked(body: &str) -> String {
     let mut rest = body;
@@ -80,10 +80,10 @@ pub async fn scrape(gateway: &Gateway) -> String {
     text
 }
 
-/// The value of the series `name` with exactly `labels`, from a text-format scrape.
+/// Returns the value of the series `name` with exactly `labels`, from a text-format scrape.
 pub fn metric(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    wanted.sort();
+    let mut expected_labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    expected_labels.sort();
     scrape.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
         let (series, value) = line.rsplit_once(' ')?;
         let (series_name, series_labels) = match series.split_once('{') {
@@ -99,7 +99,7 @@ pub fn metric(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> 
             .map(|pair| if pair.ends_with('"') { pair.to_string() } else { format!("{pair}\"") })
             .collect();
         found.sort();
-        (found == wanted).then(|| value.parse().unwrap())
+        (found == expected_labels).then(|| value.parse().unwrap())
     })
 }
 
@@ -121,14 +121,14 @@ pub async fn wait_for_metric(gateway: &Gateway, name: &str, labels: &[(&str, &st
 }
 
 /// Polls `condition` every 100 ms until it holds, failing with `what` after `timeout`.
-pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+pub async fn wait_until<F, Fut>(timeout: Duration, description: &str, mut condition: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
     let deadline = Instant::now() + timeout;
     while !condition().await {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {description}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -149,14 +149,14 @@ fn tls_client_config(trust_test_ca: bool, alpn: &[&[u8]]) -> rustls::ClientConfi
     config
 }
 
-/// A fresh TLS connection to the gateway as `localhost`, offering `alpn`.
+/// Opens a fresh TLS connection to the gateway as `localhost`, offering `alpn`.
 pub async fn tls_connect(port: u16, trust_test_ca: bool, alpn: &[&[u8]]) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
     let connector = TlsConnector::from(Arc::new(tls_client_config(trust_test_ca, alpn)));
     connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await
 }
 
-/// The DER of the leaf certificate that a fresh handshake gets.
+/// Returns the DER of the leaf certificate that a fresh handshake gets.
 pub async fn served_leaf(port: u16) -> Vec<u8> {
     let stream = tls_connect(port, true, &[b"http/1.1"]).await.unwrap();
     peer_leaf(&stream)
@@ -166,7 +166,7 @@ pub fn peer_leaf(stream: &TlsStream<TcpStream>) -> Vec<u8> {
     stream.get_ref().1.peer_certificates().unwrap()[0].as_ref().to_vec()
 }
 
-/// The DER of the first certificate in a PEM file.
+/// Returns the DER of the first certificate in a PEM file.
 pub fn leaf_der(path: &Path) -> Vec<u8> {
     CertificateDer::pem_file_iter(path).unwrap().next().unwrap().unwrap().as_ref().to_vec()
 }

@@ -44,12 +44,14 @@ pub fn http_builder(settings: &ConnectionSettings) -> auto::Builder<TokioExecuto
         .timer(TokioTimer::new())
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
-        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        // RFC 8441: lets HTTP/2 clients open WebSockets with extended CONNECT.
+        .enable_connect_protocol();
     builder
 }
 
 /// Accepts connections until `shutdown` turns true. Each connection is registered with
-/// `graceful`, which asks it to finish its requests and close when the gateway drains.
+/// `graceful`, which signals it to finish its requests and close when the gateway drains.
 pub async fn serve_https(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -129,8 +131,7 @@ impl Connection {
         // The auto builder also accepts an HTTP/2 preface without ALPN, which no TLS
         // client sends in practice; such a connection is counted as h1.
         let protocol = if session.alpn_protocol() == Some(b"h2") { "h2" } else { "h1" };
-        let sni = session.server_name().unwrap_or("-").to_string();
-        tracing::debug!(tls = tls_version, protocol, sni, "connection established");
+        tracing::debug!(tls = tls_version, protocol, sni = session.server_name().unwrap_or("-"), "connection established");
         let _open = metrics.connection_opened(protocol);
 
         let connection = Arc::new(ConnectionInfo { id, peer, tls_version, span });

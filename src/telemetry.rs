@@ -79,7 +79,10 @@ pub enum UpstreamFailure {
 /// upstream is not at fault.
 pub fn upstream_failure(error: &ProxyError) -> Option<UpstreamFailure> {
     match error {
-        ProxyError::BadRequest(_) | ProxyError::RouteStatus { .. } => None,
+        ProxyError::BadRequest(_)
+        | ProxyError::RouteStatus { .. }
+        | ProxyError::RegistryDisabled
+        | ProxyError::NotImplemented(_) => None,
         ProxyError::UpstreamConnect { .. } => Some(UpstreamFailure::Connect),
         ProxyError::UpstreamTimeout { .. } => Some(UpstreamFailure::Timeout),
         ProxyError::UpstreamRequest { source, .. } if caused_by_request_body(source.as_ref()) => None,

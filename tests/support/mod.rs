@@ -31,8 +31,8 @@ pub fn ca_file() -> PathBuf {
     repo_path("certs-test/ca.crt")
 }
 
-/// A port that was free a moment ago. Programs that cannot listen on port 0 and report it
-/// get one of these; a clash with another process is possible but rare.
+/// Picks a port that was free a moment ago, for programs that cannot listen on port 0 and
+/// report it. A clash with another process is possible but rare.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -54,7 +54,7 @@ pub fn wait_for_port(addr: SocketAddr, child: &mut Child, log: &Path) {
     panic!("nothing listens on {addr} after 30 s; log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
 }
 
-fn require_program(name: &str) {
+pub fn require_program(name: &str) {
     let found = Command::new("sh")
         .args(["-c", &format!("command -v {name}")])
         .stdout(Stdio::null())
@@ -213,7 +213,7 @@ pub enum Protocol {
     Http2,
 }
 
-/// An HTTPS client that trusts the test CA and speaks only `protocol`.
+/// Builds an HTTPS client that trusts the test CA and speaks only `protocol`.
 pub fn https_client(protocol: Protocol) -> HttpsClient {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca_file()).unwrap() {
@@ -326,4 +326,11 @@ pub fn run(command: &mut Command) -> String {
     assert!(output.status.success(), "{command:?} failed with {}:\n{stdout}\n{stderr}", output.status);
     stdout
 }
+pub mod browser;
+pub mod portal;
+pub mod rancher;
+pub mod local_server;
+pub mod recorder;
+pub mod token_service;
+pub mod notary_server;
 pub mod ops;

@@ -23,6 +23,10 @@ pub const DEFAULT_TLS_HANDSHAKE_SECONDS: u64 = 10;
 pub const DEFAULT_HEADER_READ_SECONDS: u64 = 30;
 /// Seconds that in-flight requests get to finish after SIGTERM before the process exits.
 pub const DEFAULT_DRAIN_SECONDS: u64 = 60;
+/// Seconds between checks of the configuration, certificate and key files for changes.
+/// The kubelet updates a mounted Secret on its sync period (one minute by default) plus
+/// its cache delay, so a few seconds more go unnoticed, and a check is a few `stat` calls.
+pub const DEFAULT_WATCH_INTERVAL_SECONDS: u64 = 5;
 /// Whether the Harbor routes (`/v2/`, `/registry/`, the portal carve-outs) are served. When
 /// false they answer 503 saying the registry is disabled, and Rancher routes work as before.
 pub const DEFAULT_HARBOR_ENABLED: bool = true;
@@ -68,6 +72,8 @@ struct RawConfig {
     #[serde(default)]
     proxy: RawProxy,
     #[serde(default)]
+    reload: RawReload,
+    #[serde(default)]
     harbor: RawHarbor,
 }
 
@@ -83,6 +89,13 @@ struct RawListen {
 struct RawTls {
     cert: PathBuf,
     key: PathBuf,
+    ca_bundle: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReload {
+    watch_interval: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,6 +177,10 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub routes: Vec<RouteSpec>,
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// PEM CA bundle served at `/registry/ca.crt`; no such route when `None`.
+    pub ca_bundle_path: Option<PathBuf>,
+    /// How often to check the watched files for changes; `None` turns watching off.
+    pub watch_interval: Option<Duration>,
     /// `harbor.enabled`: false turns every default Harbor route into a 503.
     pub harbor_enabled: bool,
 }
@@ -250,6 +267,11 @@ impl Config {
             admin_addr,
             cert_path: raw.tls.cert,
             key_path: raw.tls.key,
+            ca_bundle_path: raw.tls.ca_bundle,
+            watch_interval: match raw.reload.watch_interval.unwrap_or(DEFAULT_WATCH_INTERVAL_SECONDS) {
+                0 => None,
+                seconds => Some(Duration::from_secs(seconds)),
+            },
             upstreams,
             upstream_ca_file: raw.upstream_tls.ca_file,
             timeouts,

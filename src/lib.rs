@@ -4,20 +4,27 @@
 //! A request flows through the modules in this order: [`listener`] accepts and terminates
 //! TLS, [`proxy`] finds the route in [`routing`], fixes headers with [`headers`], sends the
 //! request upstream through [`upstream`], rewrites response URLs with [`rewrite`] and
-//! streams the [`body`] back. Failures become responses in [`error`].
+//! streams the [`body`] back. Failures become responses in [`error`]. [`telemetry`] wraps
+//! each request for [`metrics`] and the access log; [`reload`] swaps the gateway and the
+//! certificate at run time.
 
 pub mod admin;
 pub mod body;
+pub mod ca_bundle;
 pub mod clean_path;
 pub mod config;
 pub mod error;
 pub mod headers;
 pub mod listener;
+pub mod metrics;
 pub mod portal;
 pub mod proxy;
+pub mod redact;
+pub mod reload;
 pub mod rewrite;
 pub mod routing;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;

@@ -10,19 +10,36 @@ use harbor_gateway::server;
 
 /// TLS-terminating gateway that serves a Harbor registry on the Rancher server's hostname.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = AFTER_HELP)]
 struct Cli {
-    /// Configuration file (TOML). See config/gateway.toml for every key and its default.
+    /// Configuration file (TOML). See config/gateway.toml for every key, its unit and its
+    /// default.
     #[arg(long, short, global = true, default_value = "/etc/harbor-gateway/gateway.toml")]
     config: PathBuf,
 
-    /// Log format on stderr. The level comes from RUST_LOG, e.g. RUST_LOG=debug (default: info).
+    /// Log format on stderr: `text` (one human-readable line per event) or `json` (one
+    /// JSON object per line).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 
     #[command(subcommand)]
     command: Option<Command>,
 }
+
+const AFTER_HELP: &str = "\
+Environment:
+  RUST_LOG   log filter, default `info`. The access log has target `access`:
+             RUST_LOG=info,access=off hides it; RUST_LOG=debug adds per-connection detail.
+
+Signals:
+  SIGHUP     reload the configuration, certificate and CA bundle; a bad file keeps
+             the previous state in force. Changed files are also picked up every
+             reload.watch_interval seconds (default 5).
+  SIGTERM    stop accepting, let in-flight requests finish for up to timeouts.drain
+  SIGINT     seconds (default 60), then exit 0.
+
+Exit status: 0 after a drain or a valid `check`, 2 for an invalid configuration or a
+listener that cannot bind, 1 when the runtime cannot start.";
 
 #[derive(Debug, Subcommand)]
 enum Command {

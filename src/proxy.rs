@@ -1,7 +1,10 @@
 //! The request handler: route, forward, stream back.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -12,8 +15,10 @@ use crate::body::{IdleTimeout, ProxyBody};
 use crate::config::Config;
 use crate::error::{error_response, ProxyError};
 use crate::headers::{self, Downstream};
+use crate::metrics::{Metrics, RouteMetrics, UpstreamMetrics, NO_ROUTE};
 use crate::rewrite::{InternalOrigins, RewriteContext};
 use crate::routing::{path_has_prefix, Action, Route, RouteTable, UpstreamId, PORTAL_ROUTE};
+use crate::telemetry::{upstream_failure, ConnectionInfo, Exchange, ObservedBody};
 use crate::upgrade::{self, UpgradeRequest};
 use crate::portal;
 use crate::upstream::{build_client, UpstreamClient, UpstreamTlsError};
@@ -35,10 +40,25 @@ pub struct Gateway {
     registry_idle: Duration,
     default_idle: Duration,
     trusted_proxies: Vec<std::net::IpAddr>,
+    metrics: Arc<Metrics>,
+    /// Indexed like `table.routes()`.
+    route_metrics: Vec<Arc<RouteMetrics>>,
+    no_route_metrics: Arc<RouteMetrics>,
+    /// Indexed by [`UpstreamId`].
+    upstream_metrics: Vec<Arc<UpstreamMetrics>>,
+    /// The PEM CA bundle served at `/registry/ca.crt`, when configured.
+    ca_bundle: Option<Bytes>,
 }
 
 impl Gateway {
+    /// Builds a gateway with metrics of its own.
     pub fn new(config: &Config) -> Result<Gateway, UpstreamTlsError> {
+        Self::with_metrics(config, Arc::new(Metrics::new()))
+    }
+
+    /// Builds a gateway that counts into `metrics`, so that a gateway built on reload
+    /// continues the counts of the one it replaces.
+    pub fn with_metrics(config: &Config, metrics: Arc<Metrics>) -> Result<Gateway, UpstreamTlsError> {
         let targets = config
             .upstreams
             .iter()
@@ -48,8 +68,20 @@ impl Gateway {
                 authority: upstream.uri.authority().cloned().expect("validated in config: host"),
             })
             .collect();
+        let table = RouteTable::from_config(config);
+        let route_metrics = table.routes().iter().map(|route| Arc::new(metrics.route(&route.name))).collect();
+        let upstream_metrics = config
+            .upstreams
+            .iter()
+            .map(|upstream| Arc::new(metrics.upstream(&upstream.name)))
+            .collect();
         Ok(Gateway {
-            table: RouteTable::from_config(config),
+            no_route_metrics: Arc::new(metrics.route(NO_ROUTE)),
+            route_metrics,
+            upstream_metrics,
+            metrics,
+            ca_bundle: None,
+            table,
             targets,
             origins: InternalOrigins::new(&config.upstreams),
             client: build_client(config.upstream_ca_file.as_deref(), config.timeouts.connect)?,
@@ -63,44 +95,76 @@ impl Gateway {
         &self.table
     }
 
-    /// Serves one request from a downstream client; every failure becomes a response.
-    pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
-        // Cloning the URI and method only bumps reference counts; they are kept for the
-        // error log line after the request has moved upstream.
-        let uri = request.uri().clone();
-        let method = request.method().clone();
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
 
-        match self.route(request, peer).await {
+    /// Sets the CA bundle served at `/registry/ca.crt`; the route exists only when the
+    /// configuration names a bundle.
+    pub fn with_ca_bundle(mut self, bundle: Option<Bytes>) -> Gateway {
+        self.ca_bundle = bundle;
+        self
+    }
+
+    /// Returns the `host:port` of every upstream, for the readiness probe's name resolution.
+    pub fn upstream_authorities(&self) -> impl Iterator<Item = (&str, String)> {
+        self.targets.iter().map(|target| {
+            let port = target.authority.port_u16().unwrap_or(if target.scheme == Scheme::HTTPS { 443 } else { 80 });
+            (target.name.as_str(), format!("{}:{port}", target.authority.host()))
+        })
+    }
+
+    /// Serves one request from a downstream client; every failure becomes a response.
+    /// Metrics and the access log cover the request until its response body ends.
+    pub async fn handle(&self, request: Request<Incoming>, connection: &Arc<ConnectionInfo>) -> Response<ObservedBody> {
+        let route = self.table.find(request.uri().path());
+        let mut exchange = Exchange::start(self.route_metrics(route), &request, connection.clone());
+        let registry_path = is_registry_path(request.uri().path());
+
+        let response = match self.dispatch(request, route, &mut exchange, connection.peer).await {
             Ok(response) => response,
             Err(error) => {
-                let status = error.status();
-                let path = uri.path();
-                if status.is_server_error() {
-                    tracing::warn!(%peer, %method, path, %status, error = %error_chain(&error), "request failed");
-                } else {
-                    tracing::debug!(%peer, %method, path, %status, error = %error, "request rejected");
+                if let Some(failure) = upstream_failure(&error) {
+                    exchange.upstream_failed(failure);
                 }
-                error.into_response(is_registry_path(path))
+                exchange.log_failure(&error);
+                error.into_response(registry_path)
             }
+        };
+        exchange.respond(response)
+    }
+
+    fn route_metrics(&self, route: Option<&Route>) -> Arc<RouteMetrics> {
+        let index = route.and_then(|route| self.table.routes().iter().position(|r| std::ptr::eq(r, route)));
+        match index {
+            Some(index) => self.route_metrics[index].clone(),
+            None => self.no_route_metrics.clone(),
         }
     }
 
-    async fn route(&self, request: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, ProxyError> {
-        // Before routing, because a CONNECT target has no path.
+    async fn dispatch(
+        &self,
+        request: Request<Incoming>,
+        route: Option<&Route>,
+        exchange: &mut Exchange,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        // Before the route check, because a CONNECT target has no path.
         let upgrade = upgrade::classify(&request)?;
-        let route = self
-            .table
-            .find(request.uri().path())
-            .ok_or(ProxyError::BadRequest("the request target is not an absolute path".into()))?;
+        let route = route.ok_or(ProxyError::BadRequest("the request target is not an absolute path".into()))?;
 
         match &route.action {
-            Action::Proxy(upstream) => self.forward(request, peer, route, *upstream, upgrade).await,
+            Action::Proxy(upstream) => {
+                exchange.set_upstream(self.upstream_metrics[*upstream].clone());
+                self.forward(request, peer, route, *upstream, upgrade, exchange).await
+            }
             Action::Respond(status, message) => Err(ProxyError::RouteStatus {
                 status: *status,
                 message: message.clone(),
             }),
             Action::AddTrailingSlash => Ok(redirect_with_slash(request.uri())),
             Action::RegistryDisabled => Err(ProxyError::RegistryDisabled),
+            Action::ServeCaBundle => Ok(ca_bundle_response(self.ca_bundle.as_ref())),
         }
     }
 
@@ -111,6 +175,7 @@ impl Gateway {
         route: &Route,
         upstream: UpstreamId,
         upgrade: Option<UpgradeRequest>,
+        exchange: &Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let mut request = request;
         let target = &self.targets[upstream];
@@ -156,7 +221,7 @@ impl Gateway {
 
         parts.uri = upstream_uri(&parts.uri, route, target)?;
         parts.version = http::Version::HTTP_11;
-        let upstream_request = Request::from_parts(parts, IdleTimeout::new(body, idle));
+        let upstream_request = Request::from_parts(parts, IdleTimeout::new(exchange.count_request_body(body), idle));
 
         let response = match tokio::time::timeout(idle, self.client.request(upstream_request)).await {
             Ok(Ok(response)) => response,
@@ -292,6 +357,18 @@ fn redirect_with_slash(uri: &Uri) -> Response<ProxyBody> {
             .body(ProxyBody::empty())
             .expect("valid redirect response"),
         Err(_) => error_response(StatusCode::BAD_REQUEST, "invalid request target", false),
+    }
+}
+
+/// 200 with the PEM bundle, for node set-up scripts that fill
+/// `/etc/docker/certs.d/<host>/ca.crt`.
+fn ca_bundle_response(bundle: Option<&Bytes>) -> Response<ProxyBody> {
+    match bundle {
+        Some(bundle) => Response::builder()
+            .header(header::CONTENT_TYPE, "application/x-pem-file")
+            .body(ProxyBody::full(bundle.clone()))
+            .expect("static header values are valid"),
+        None => error_response(StatusCode::NOT_FOUND, "no CA bundle is configured on this gateway", false),
     }
 }
 

@@ -30,6 +30,8 @@ pub enum Action {
     Respond(StatusCode, Cow<'static, str>),
     /// Permanent redirect (308) to the same path with a trailing `/`.
     AddTrailingSlash,
+    /// The gateway responds with the CA bundle named by `tls.ca_bundle`.
+    ServeCaBundle,
     /// A Harbor route while `harbor.enabled` is false: 503 saying the registry is disabled.
     RegistryDisabled,
 }
@@ -95,6 +97,9 @@ pub struct RouteTable {
     /// Upstream names, indexed by [`UpstreamId`].
     upstreams: Vec<String>,
 }
+
+/// Path at which the gateway serves `tls.ca_bundle`, inside the portal's prefix.
+pub const CA_BUNDLE_PATH: &str = "/registry/ca.crt";
 
 /// The default table, as Harbor's own front proxy lays out its paths, adapted to share the
 /// host with Rancher: `(name, kind, path, upstream, strip_prefix)`.
@@ -163,6 +168,18 @@ impl RouteTable {
             for route in routes.iter_mut().filter(|r| r.name != RANCHER_ROUTE) {
                 route.action = Action::RegistryDisabled;
             }
+        }
+
+        // The CA bundle is Rancher's, so it is served even while Harbor is disabled.
+        if config.ca_bundle_path.is_some() {
+            routes.push(Route {
+                name: Cow::Borrowed("ca-bundle"),
+                path: CA_BUNDLE_PATH.to_string(),
+                kind: MatchKind::Exact,
+                action: Action::ServeCaBundle,
+                strip_prefix: None,
+                clean_path: false,
+            });
         }
 
         for spec in &config.routes {

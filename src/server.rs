@@ -1,21 +1,25 @@
-//! Start-up and shutdown: load and check everything, bind the listeners, serve until a
-//! signal, then drain.
+//! Start-up and shutdown: load and check everything, bind the listeners, serve and reload
+//! until a signal, then drain.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::admin::{serve_admin, Health};
+use crate::admin::{serve_admin, AdminState, Health};
+use crate::ca_bundle::CaBundleError;
 use crate::config::{Config, ConfigError};
 use crate::listener::{serve_https, ConnectionSettings};
+use crate::metrics::Metrics;
 use crate::proxy::Gateway;
-use crate::tls::{load_certified_key, server_config, CertificateStore, TlsError};
+use crate::reload::{load, report_certificate, Loaded, Reloader, SharedGateway};
+use crate::tls::{server_config, CertificateStore, LeafInfo, TlsError};
 use crate::upstream::UpstreamTlsError;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +37,14 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read the address of listener listen.{key}: {source}")]
+    LocalAddr {
+        key: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    CaBundle(#[from] CaBundleError),
     #[error("cannot install the signal handler: {0}")]
     Signal(#[source] std::io::Error),
 }
@@ -41,24 +53,25 @@ pub enum StartError {
 pub struct Prepared {
     pub config: Config,
     pub certificates: Arc<CertificateStore>,
+    pub leaf: LeafInfo,
     pub gateway: Arc<Gateway>,
 }
 
-/// Loads the configuration and certificate files and builds the gateway, without binding
-/// any socket. `check` stops here.
+/// Loads the configuration and every file it names and builds the gateway, without
+/// binding any socket. `check` stops here.
 pub fn prepare(config_path: &Path) -> Result<Prepared, StartError> {
-    let config = Config::load(config_path)?;
-    let key = load_certified_key(&config.cert_path, &config.key_path)?;
+    let Loaded { config, key, leaf, gateway } = load(config_path, Arc::new(Metrics::new()))?;
     let certificates = Arc::new(CertificateStore::new(key));
-    let gateway = Arc::new(Gateway::new(&config)?);
-    Ok(Prepared { config, certificates, gateway })
+    Ok(Prepared { config, certificates, leaf, gateway: Arc::new(gateway) })
 }
 
-/// Serves until SIGTERM or SIGINT, then stops accepting, lets in-flight requests finish for
-/// up to the drain period, and returns.
+/// Serves until SIGTERM or SIGINT, reloading on SIGHUP and on file changes. After the
+/// signal it stops accepting, lets in-flight requests finish for up to the drain period,
+/// and returns.
 pub async fn run(prepared: Prepared) -> Result<(), StartError> {
-    let Prepared { config, certificates, gateway } = prepared;
-    let acceptor = TlsAcceptor::from(server_config(certificates)?);
+    let Prepared { config, certificates, leaf, gateway } = prepared;
+    let metrics = gateway.metrics().clone();
+    let acceptor = TlsAcceptor::from(server_config(certificates.clone())?);
 
     let https = bind("https", config.https_addr).await?;
     let admin = match config.admin_addr {
@@ -67,11 +80,15 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
+    report_certificate(&config, &leaf, &metrics);
 
+    let gateway: SharedGateway = Arc::new(ArcSwap::new(gateway));
     let health = Arc::new(Health::default());
     if let Some(admin) = admin {
-        tracing::info!(addr = %admin.local_addr().map_err(|source| StartError::Bind { key: "admin", addr: config.https_addr, source })?, "admin listener started");
-        tokio::spawn(serve_admin(admin, health.clone()));
+        tracing::info!(addr = %local_addr("admin", &admin)?, "admin listener started: /healthz, /readyz, /metrics");
+        let state = Arc::new(AdminState { health: health.clone(), gateway: gateway.clone() });
+        tokio::spawn(serve_admin(admin, state));
     }
 
     let graceful = Arc::new(GracefulShutdown::new());
@@ -81,36 +98,53 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         header_read: config.timeouts.header_read,
     };
     tracing::info!(
-        addr = %https.local_addr().map_err(|source| StartError::Bind { key: "https", addr: config.https_addr, source })?,
-        routes = gateway.routes().routes().len(),
+        addr = %local_addr("https", &https)?,
+        routes = gateway.load().routes().routes().len(),
         "https listener started"
     );
     let accept_loop = tokio::spawn(serve_https(
         https,
         acceptor,
-        gateway,
+        gateway.clone(),
         settings,
         graceful.clone(),
         shutdown,
     ));
     health.set_ready(true);
 
-    let signal_name = tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
+    let reloader = Arc::new(Reloader::new(config, metrics, certificates, gateway));
+    let watcher = tokio::spawn(reloader.clone().watch_files());
+    let signal_name = loop {
+        tokio::select! {
+            _ = terminate.recv() => break "SIGTERM",
+            _ = interrupt.recv() => break "SIGINT",
+            _ = hangup.recv() => {
+                reloader.reload("SIGHUP").await;
+            }
+        }
     };
-    health.set_ready(false);
+    watcher.abort();
+
+    // Probes see the drain at once, so Kubernetes stops sending new connections while
+    // the open ones finish.
+    health.set_draining();
     let _ = stop_accepting.send(true);
     let _ = accept_loop.await;
-    tracing::info!(signal = signal_name, open_connections = graceful.count(), drain = ?config.timeouts.drain, "draining");
+    let drain = reloader.current().await.timeouts.drain;
+    tracing::info!(signal = signal_name, open_connections = graceful.count(), drain_seconds = drain.as_secs(),
+        "stopped accepting connections; draining");
 
     // The accept loop has ended and dropped its handle, so this is the last one.
     let graceful = Arc::into_inner(graceful).expect("the accept loop has ended");
-    match tokio::time::timeout(config.timeouts.drain, graceful.shutdown()).await {
+    match tokio::time::timeout(drain, graceful.shutdown()).await {
         Ok(()) => tracing::info!("all connections closed; exiting"),
-        Err(_) => tracing::warn!(drain = ?config.timeouts.drain, "drain period ended with connections still open; exiting"),
+        Err(_) => tracing::warn!(drain_seconds = drain.as_secs(), "drain period ended with connections still open; exiting"),
     }
     Ok(())
+}
+
+fn local_addr(key: &'static str, listener: &TcpListener) -> Result<SocketAddr, StartError> {
+    listener.local_addr().map_err(|source| StartError::LocalAddr { key, source })
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {

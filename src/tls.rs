@@ -47,6 +47,8 @@ pub enum TlsError {
     },
     #[error("cannot build the TLS configuration: {0}")]
     Config(#[source] rustls::Error),
+    #[error("the first certificate in {path} is not valid X.509: {message}")]
+    UnparsableCertificate { path: PathBuf, message: String },
 }
 
 /// Loads the chain and key from `cert_path` and `key_path` and checks that they belong together.
@@ -94,6 +96,36 @@ pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<Certified
             source,
         }),
     }
+}
+
+/// The facts about a leaf certificate that logs and metrics report.
+#[derive(Debug, Clone)]
+pub struct LeafInfo {
+    pub subject: String,
+    /// `notAfter`, in seconds since the Unix epoch.
+    pub not_after: i64,
+    /// `notAfter` as the certificate states it, e.g. `Jan 17 10:00:00 2125 +00:00`.
+    pub not_after_text: String,
+}
+
+/// Reads subject and validity of the leaf certificate of `key`, loaded from `cert_path`.
+pub fn leaf_info(cert_path: &Path, key: &CertifiedKey) -> Result<LeafInfo, TlsError> {
+    let leaf = key.end_entity_cert().map_err(|source| TlsError::InvalidCertificate {
+        path: cert_path.to_path_buf(),
+        source,
+    })?;
+    let (_, certificate) = x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|error| {
+        TlsError::UnparsableCertificate {
+            path: cert_path.to_path_buf(),
+            message: error.to_string(),
+        }
+    })?;
+    let not_after = certificate.validity().not_after;
+    Ok(LeafInfo {
+        subject: certificate.subject().to_string(),
+        not_after: not_after.timestamp(),
+        not_after_text: not_after.to_string(),
+    })
 }
 
 pub fn crypto_provider() -> Arc<CryptoProvider> {
@@ -164,6 +196,15 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{cert} + {key}: {e}"));
             assert_eq!(loaded.cert.len(), 2, "{cert} should hold leaf and intermediate");
         }
+    }
+
+    #[test]
+    fn leaf_info_reads_not_after() {
+        let key = load_certified_key(&certs("tls.crt"), &certs("tls.key")).unwrap();
+        let info = leaf_info(&certs("tls.crt"), &key).unwrap();
+        assert_eq!(info.subject, "CN=gateway.test");
+        // The test PKI is valid for 36500 days from its creation in 2025 or later.
+        assert!(info.not_after > 4_000_000_000, "{info:?}");
     }
 
     #[test]

@@ -14,10 +14,11 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
 use crate::body::IdleTimeout;
+use crate::telemetry::CountedBody;
 use crate::tls::crypto_provider;
 
-/// Request bodies go upstream frame by frame, failing if the client stalls.
-pub type UpstreamBody = IdleTimeout<Incoming>;
+/// Request bodies go upstream frame by frame, counted, failing if the client stalls.
+pub type UpstreamBody = IdleTimeout<CountedBody<Incoming>>;
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 /// Idle pooled connections are closed after this long. Registries and Harbor core keep

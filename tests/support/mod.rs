@@ -333,3 +333,4 @@ pub mod local_server;
 pub mod recorder;
 pub mod token_service;
 pub mod notary_server;
+pub mod ops;

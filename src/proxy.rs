@@ -9,9 +9,11 @@ use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use crate::body::{IdleTimeout, ProxyBody};
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::error::{error_response, ProxyError};
 use crate::headers::{self, Downstream};
+use crate::request_body::{BodyFailure, BodyProgress, ClientBody};
+use crate::request_checks::check_request;
 use crate::rewrite::{InternalOrigins, RewriteContext};
 use crate::routing::{path_has_prefix, Action, Route, RouteTable, UpstreamId};
 use crate::upstream::{build_client, UpstreamClient, UpstreamTlsError};
@@ -33,6 +35,7 @@ pub struct Gateway {
     registry_idle: Duration,
     default_idle: Duration,
     trusted_proxies: Vec<std::net::IpAddr>,
+    limits: Limits,
 }
 
 impl Gateway {
@@ -54,6 +57,7 @@ impl Gateway {
             registry_idle: config.timeouts.registry_idle,
             default_idle: config.timeouts.default_idle,
             trusted_proxies: config.trusted_proxies.clone(),
+            limits: config.limits.clone(),
         })
     }
 
@@ -82,6 +86,9 @@ impl Gateway {
     }
 
     async fn route(&self, request: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, ProxyError> {
+        // Before the route match: a path that an upstream would normalize elsewhere must
+        // not choose a route.
+        check_request(&request, &self.limits)?;
         let route = self
             .table
             .find(request.uri().path())
@@ -137,23 +144,30 @@ impl Gateway {
 
         parts.uri = upstream_uri(&parts.uri, route, target)?;
         parts.version = http::Version::HTTP_11;
-        let upstream_request = Request::from_parts(parts, IdleTimeout::new(body, idle));
+        let progress = BodyProgress::new();
+        let body = ClientBody::read_first_frame(body, idle, progress.clone())
+            .await
+            .map_err(|source| client_body_error(progress.failure(), source, idle))?;
+        let upstream_request = Request::from_parts(parts, body);
 
-        let response = match tokio::time::timeout(idle, self.client.request(upstream_request)).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) if error.is_connect() => {
+        let response = match self.send_upstream(upstream_request, &progress, idle).await {
+            Some(Ok(response)) => response,
+            Some(Err(error)) if progress.failure().is_some() => {
+                return Err(client_body_error(progress.failure(), error.into(), idle));
+            }
+            Some(Err(error)) if error.is_connect() => {
                 return Err(ProxyError::UpstreamConnect {
                     upstream: target.name.clone(),
                     source: error.into(),
                 });
             }
-            Ok(Err(error)) => {
+            Some(Err(error)) => {
                 return Err(ProxyError::UpstreamRequest {
                     upstream: target.name.clone(),
                     source: error.into(),
                 });
             }
-            Err(_elapsed) => {
+            None => {
                 return Err(ProxyError::UpstreamTimeout {
                     upstream: target.name.clone(),
                     timeout: idle,
@@ -174,12 +188,44 @@ impl Gateway {
         Ok(Response::from_parts(parts, ProxyBody::Streaming(IdleTimeout::new(body, idle))))
     }
 
+    /// Sends the request and waits for the response headers. The wait is an idle timeout
+    /// that restarts with every request-body frame, so an upload that keeps moving is never
+    /// cut; `None` means it expired.
+    async fn send_upstream(
+        &self,
+        request: Request<ClientBody>,
+        progress: &BodyProgress,
+        idle: Duration,
+    ) -> Option<Result<Response<Incoming>, hyper_util::client::legacy::Error>> {
+        let response = self.client.request(request);
+        let mut response = std::pin::pin!(response);
+        loop {
+            let deadline = progress.last_activity() + idle;
+            tokio::select! {
+                result = response.as_mut() => return Some(result),
+                _ = tokio::time::sleep_until(deadline) => {
+                    if progress.last_activity() + idle <= tokio::time::Instant::now() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
     fn idle_timeout(&self, path: &str) -> Duration {
         if is_registry_path(path) {
             self.registry_idle
         } else {
             self.default_idle
         }
+    }
+}
+
+/// The error for a request whose body failed on the client's side.
+fn client_body_error(failure: Option<BodyFailure>, source: crate::body::BoxError, idle: Duration) -> ProxyError {
+    match failure {
+        Some(BodyFailure::Idle) => ProxyError::ClientBodyTimeout { timeout: idle },
+        Some(BodyFailure::Invalid) | None => ProxyError::ClientBody { source },
     }
 }
 

@@ -79,6 +79,8 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let settings = ConnectionSettings {
         tls_handshake: config.timeouts.tls_handshake,
         header_read: config.timeouts.header_read,
+        keep_alive: config.timeouts.keep_alive,
+        limits: config.limits.clone(),
     };
     tracing::info!(
         addr = %https.local_addr().map_err(|source| StartError::Bind { key: "https", addr: config.https_addr, source })?,

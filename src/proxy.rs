@@ -168,9 +168,15 @@ impl Gateway {
                 });
             }
             None => {
-                return Err(ProxyError::UpstreamTimeout {
-                    upstream: target.name.clone(),
-                    timeout: idle,
+                return Err(match progress.failure() {
+                    Some(BodyFailure::Idle) => ProxyError::ClientBodyTimeout { timeout: idle },
+                    Some(BodyFailure::Invalid) => ProxyError::ClientBody {
+                        source: "the request body ended early or was malformed".into(),
+                    },
+                    None => ProxyError::UpstreamTimeout {
+                        upstream: target.name.clone(),
+                        timeout: idle,
+                    },
                 });
             }
         };
@@ -190,7 +196,8 @@ impl Gateway {
 
     /// Sends the request and waits for the response headers. The wait is an idle timeout
     /// that restarts with every request-body frame, so an upload that keeps moving is never
-    /// cut; `None` means it expired.
+    /// cut; `None` means it expired, or the request body failed and the caller should ask
+    /// `progress` why. Dropping the request future aborts the upstream request.
     async fn send_upstream(
         &self,
         request: Request<ClientBody>,
@@ -204,8 +211,13 @@ impl Gateway {
             tokio::select! {
                 result = response.as_mut() => return Some(result),
                 _ = tokio::time::sleep_until(deadline) => {
-                    if progress.last_activity() + idle <= tokio::time::Instant::now() {
+                    let expired = progress.last_activity() + idle <= tokio::time::Instant::now();
+                    if expired && (!progress.waiting_on_client() || progress.failure().is_some()) {
                         return None;
+                    }
+                    if expired {
+                        // The body's idle timer ends the request; check again shortly.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
             }

@@ -9,7 +9,7 @@
 //!   408 or 400, not 502.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -42,6 +42,8 @@ pub struct BodyProgress {
     start: Instant,
     /// Milliseconds since `start` when the body last made progress.
     last_activity_ms: AtomicU64,
+    /// The body is polled and waiting for the client, so its own idle timer is running.
+    waiting_on_client: AtomicBool,
     failure: AtomicU8,
 }
 
@@ -50,6 +52,7 @@ impl BodyProgress {
         Arc::new(BodyProgress {
             start: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
+            waiting_on_client: AtomicBool::new(false),
             failure: AtomicU8::new(NO_FAILURE),
         })
     }
@@ -62,6 +65,13 @@ impl BodyProgress {
     /// When the body last made progress: a frame, its end, or the request's start.
     pub fn last_activity(&self) -> Instant {
         self.start + Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
+    }
+
+    /// Whether the upstream is reading the body and the client is the one not sending.
+    /// Then the body's idle timer, not the response timeout, decides, so that a stalled
+    /// client gets 408 rather than 504.
+    pub fn waiting_on_client(&self) -> bool {
+        self.waiting_on_client.load(Ordering::Relaxed)
     }
 
     pub fn failure(&self) -> Option<BodyFailure> {
@@ -136,6 +146,7 @@ impl Body for ClientBody {
             return Poll::Ready(None);
         }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        this.progress.waiting_on_client.store(polled.is_pending(), Ordering::Relaxed);
         match &polled {
             Poll::Ready(Some(Ok(_))) => this.progress.touch(),
             Poll::Ready(Some(Err(error))) => this.progress.fail(error),

@@ -326,3 +326,5 @@ pub fn run(command: &mut Command) -> String {
     assert!(output.status.success(), "{command:?} failed with {}:\n{stdout}\n{stderr}", output.status);
     stdout
 }
+pub mod fixtures;
+pub mod h2raw;

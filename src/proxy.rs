@@ -196,8 +196,8 @@ impl Gateway {
 
     /// Sends the request and waits for the response headers. The wait is an idle timeout
     /// that restarts with every request-body frame, so an upload that keeps moving is never
-    /// cut; `None` means it expired, or the request body failed and the caller should ask
-    /// `progress` why. Dropping the request future aborts the upstream request.
+    /// cut. `None` means that the wait expired or the request body failed, and `progress`
+    /// tells which. Dropping the request future aborts the upstream request.
     async fn send_upstream(
         &self,
         request: Request<ClientBody>,
@@ -233,7 +233,7 @@ impl Gateway {
     }
 }
 
-/// The error for a request whose body failed on the client's side.
+/// Builds the error for a request whose body failed on the client's side.
 fn client_body_error(failure: Option<BodyFailure>, source: crate::body::BoxError, idle: Duration) -> ProxyError {
     match failure {
         Some(BodyFailure::Idle) => ProxyError::ClientBodyTimeout { timeout: idle },

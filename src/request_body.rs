@@ -26,7 +26,7 @@ const NO_FAILURE: u8 = 0;
 const FAILED_IDLE: u8 = 1;
 const FAILED_INVALID: u8 = 2;
 
-/// How the client's request body failed.
+/// The way the client's request body failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFailure {
     /// No frame for the idle period.
@@ -67,9 +67,9 @@ impl BodyProgress {
         self.start + Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
     }
 
-    /// Whether the upstream is reading the body and the client is the one not sending.
-    /// Then the body's idle timer, not the response timeout, decides, so that a stalled
-    /// client gets 408 rather than 504.
+    /// Returns whether the upstream is reading the body while the client sends nothing.
+    /// Then the body's idle timer, not the response timeout, ends the request, so that a
+    /// stalled client gets 408 rather than 504.
     pub fn waiting_on_client(&self) -> bool {
         self.waiting_on_client.load(Ordering::Relaxed)
     }

@@ -84,7 +84,8 @@ async fn idle_connections_are_closed() {
     let started = Instant::now();
     let (data, closed) = read_to_close(&mut tls, Duration::from_secs(5)).await;
     assert_eq!(status_of(&String::from_utf8_lossy(&data)), 200);
-    assert!(closed && started.elapsed() < Duration::from_secs(4), "h1 idle close after {:?}", started.elapsed());
+    assert!(closed, "h1: the idle connection stayed open");
+    assert!(started.elapsed() < Duration::from_secs(4), "h1 idle close after {:?}", started.elapsed());
 
     // HTTP/2: no stream at all; the gateway sends GOAWAY and closes.
     let mut h2 = H2Connection::open(setup.gateway.port).await;
@@ -95,7 +96,8 @@ async fn idle_connections_are_closed() {
         "no GOAWAY: {frames:?}\n{}",
         setup.gateway.process.log_text()
     );
-    assert!(closed && started.elapsed() < Duration::from_secs(4), "h2 idle close after {:?}", started.elapsed());
+    assert!(closed, "h2: the idle connection stayed open");
+    assert!(started.elapsed() < Duration::from_secs(4), "h2 idle close after {:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -228,7 +230,7 @@ async fn large_headers_pass_and_oversized_get_431() {
         let body = body_text(response.into_body()).await;
         assert!(body.contains("above the limit of 65536"), "{body}");
 
-        // Far above the limit the parser itself answers 431 and nothing is read further.
+        // Far above the limit the parser itself responds with 431 and nothing is read further.
         let huge = "h".repeat(400 << 10);
         match send("/dashboard", &huge).await {
             Ok(response) => assert_eq!(response.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "{protocol:?}"),
@@ -311,8 +313,8 @@ async fn content_length_with_chunked_never_smuggles() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bare_lf_is_reframed() {
-    // httparse accepts a bare LF as a line end (RFC 9112 §2.2 allows it); the upstream gets
-    // one request written with CRLF, so no other parser can split it differently.
+    // httparse accepts a bare LF as a line end, which RFC 9112 §2.2 allows. The upstream
+    // gets one request written with CRLF, so no other parser can split it differently.
     let setup = Setup::start("");
     let request = "GET /v2/ HTTP/1.1\nhost: localhost\nx-a: 1\n\n";
     let (response, _) = raw_http1(setup.gateway.port, request.as_bytes(), Duration::from_millis(500)).await;

@@ -158,7 +158,7 @@ async fn failing_upstream_leaves_others_alone() {
     assert!(hanging.iter().all(|task| !task.is_finished()));
     assert_eq!(core.request_count(), 100);
 
-    // The reverse: Rancher refuses connections while the registry answers.
+    // The reverse: Rancher refuses connections while the registry keeps working.
     let dead = free_port();
     let registry = Upstream::start(Behavior::Ok);
     let gateway = Gateway::start(&format!(
@@ -184,7 +184,7 @@ async fn client_gone_mid_upload_aborts_upstream() {
         // Dropping the stream closes the TCP connection without a TLS close_notify.
     }
 
-    // The upstream sees its request end early, well before any idle timeout.
+    // The upstream receives an incomplete body at once, well before any idle timeout.
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let recorded = upstream.requests();

@@ -151,8 +151,8 @@ impl H2Connection {
         }
     }
 
-    /// Reads frames until the connection closes or `limit` passes, answering PINGs as a
-    /// real client does (a graceful close waits for the PING acknowledgement).
+    /// Reads frames until the connection closes or `limit` passes, acknowledging PINGs as
+    /// a real client does, because a graceful close waits for the PING acknowledgement.
     pub async fn read_frames(&mut self, limit: Duration) -> (Vec<Frame>, bool) {
         let deadline = tokio::time::Instant::now() + limit;
         let mut frames = Vec::new();

@@ -1,6 +1,6 @@
 //! A bounded soak on loopback: blob pushes and pulls over HTTP/1.1 and HTTP/2 to the real
 //! registry, mixed with bad requests and dropped connections, for `SOAK_SECONDS` (default
-//! 90). Good clients must see no error, every upload's digest must be confirmed by the
+//! 75). Good clients must see no error, every upload's digest must be confirmed by the
 //! registry, and the gateway's memory and file descriptors must not grow.
 //!
 //! TODO: add WebSocket sessions to the mix once the gateway proxies WebSocket upgrades.
@@ -117,7 +117,7 @@ async fn run_mix(base: &str, port: u16, until: Instant, counters: Arc<Counters>)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn soak_mixed_traffic() {
-    let seconds: u64 = std::env::var("SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(90);
+    let seconds: u64 = std::env::var("SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(75);
     let registry = Registry::start();
     let gateway = Gateway::start(&format!(
         "[upstreams]\nharbor_core = \"{}\"\n[timeouts]\nkeep_alive = 2\nheader_read = 2\n",

@@ -38,6 +38,9 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 << 10;
 pub const DEFAULT_MAX_URI_BYTES: usize = 8 << 10;
 /// Concurrent HTTP/2 streams per client connection.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 250;
+/// Whether the Harbor routes (`/v2/`, `/registry/`, the portal carve-outs) are served. When
+/// false they answer 503 saying the registry is disabled, and Rancher routes work as before.
+pub const DEFAULT_HARBOR_ENABLED: bool = true;
 
 /// The well-known upstream names that the default route table uses.
 pub const HARBOR_CORE: &str = "harbor_core";
@@ -81,6 +84,8 @@ struct RawConfig {
     proxy: RawProxy,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    harbor: RawHarbor,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,6 +134,12 @@ struct RawTimeouts {
 struct RawProxy {
     #[serde(default)]
     trusted_proxies: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHarbor {
+    enabled: Option<bool>,
 }
 
 /// One route entry from `[[routes]]`. It replaces the default route with the same match,
@@ -191,6 +202,8 @@ pub struct Config {
     pub routes: Vec<RouteSpec>,
     pub trusted_proxies: Vec<std::net::IpAddr>,
     pub limits: Limits,
+    /// `harbor.enabled`: false turns every default Harbor route into a 503.
+    pub harbor_enabled: bool,
 }
 
 impl Config {
@@ -283,6 +296,7 @@ impl Config {
             routes: raw.routes,
             trusted_proxies,
             limits,
+            harbor_enabled: raw.harbor.enabled.unwrap_or(DEFAULT_HARBOR_ENABLED),
         })
     }
 
@@ -414,6 +428,15 @@ harbor_core = "http://127.0.0.1:5000"
         assert_eq!(config.limits.max_header_bytes, 64 << 10);
         assert_eq!(config.timeouts.keep_alive, Duration::from_secs(DEFAULT_KEEP_ALIVE_SECONDS));
         assert_eq!(config.upstream(HARBOR_CORE).unwrap().uri, "http://127.0.0.1:5000");
+        assert!(config.harbor_enabled);
+    }
+
+    #[test]
+    fn harbor_can_be_disabled() {
+        let config = parse(&format!("{MINIMAL}[harbor]\nenabled = false\n")).unwrap();
+        assert!(!config.harbor_enabled);
+        let error = parse(&format!("{MINIMAL}[harbor]\nenable = false\n")).unwrap_err();
+        assert!(error.to_string().contains("unknown field `enable`"), "{error}");
     }
 
     #[test]

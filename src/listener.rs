@@ -69,7 +69,9 @@ pub fn http_builder(settings: &ConnectionSettings) -> auto::Builder<TokioExecuto
         .max_concurrent_streams(settings.limits.max_concurrent_streams)
         .max_header_list_size(u32::try_from(parser_limit).unwrap_or(u32::MAX))
         .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
-        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS);
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+        // RFC 8441: lets HTTP/2 clients open WebSockets with extended CONNECT.
+        .enable_connect_protocol();
     builder
 }
 

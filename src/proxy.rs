@@ -15,7 +15,9 @@ use crate::headers::{self, Downstream};
 use crate::request_body::{BodyFailure, BodyProgress, ClientBody};
 use crate::request_checks::check_request;
 use crate::rewrite::{InternalOrigins, RewriteContext};
-use crate::routing::{path_has_prefix, Action, Route, RouteTable, UpstreamId};
+use crate::routing::{path_has_prefix, Action, Route, RouteTable, UpstreamId, PORTAL_ROUTE};
+use crate::upgrade::{self, UpgradeRequest};
+use crate::portal;
 use crate::upstream::{build_client, UpstreamClient, UpstreamTlsError};
 
 /// Scheme and authority of one upstream, ready to put into request URIs.
@@ -67,25 +69,29 @@ impl Gateway {
 
     /// Serves one request from a downstream client; every failure becomes a response.
     pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
-        let registry_path = is_registry_path(request.uri().path());
+        // Cloning the URI and method only bumps reference counts; they are kept for the
+        // error log line after the request has moved upstream.
+        let uri = request.uri().clone();
         let method = request.method().clone();
-        let path = request.uri().path().to_string();
 
         match self.route(request, peer).await {
             Ok(response) => response,
             Err(error) => {
                 let status = error.status();
+                let path = uri.path();
                 if status.is_server_error() {
-                    tracing::warn!(%peer, %method, %path, %status, error = %error_chain(&error), "request failed");
+                    tracing::warn!(%peer, %method, path, %status, error = %error_chain(&error), "request failed");
                 } else {
-                    tracing::debug!(%peer, %method, %path, %status, error = %error, "request rejected");
+                    tracing::debug!(%peer, %method, path, %status, error = %error, "request rejected");
                 }
-                error.into_response(registry_path)
+                error.into_response(is_registry_path(path))
             }
         }
     }
 
     async fn route(&self, request: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, ProxyError> {
+        // Before routing, because a CONNECT target has no path.
+        let upgrade = upgrade::classify(&request)?;
         // Before the route match: a path that an upstream would normalize elsewhere must
         // not choose a route.
         check_request(&request, &self.limits)?;
@@ -95,12 +101,13 @@ impl Gateway {
             .ok_or(ProxyError::BadRequest("the request target is not an absolute path".into()))?;
 
         match &route.action {
-            Action::Proxy(upstream) => self.forward(request, peer, route, *upstream).await,
+            Action::Proxy(upstream) => self.forward(request, peer, route, *upstream, upgrade).await,
             Action::Respond(status, message) => Err(ProxyError::RouteStatus {
                 status: *status,
                 message: message.clone(),
             }),
             Action::AddTrailingSlash => Ok(redirect_with_slash(request.uri())),
+            Action::RegistryDisabled => Err(ProxyError::RegistryDisabled),
         }
     }
 
@@ -110,10 +117,16 @@ impl Gateway {
         peer: SocketAddr,
         route: &Route,
         upstream: UpstreamId,
+        upgrade: Option<UpgradeRequest>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        let mut request = request;
         let target = &self.targets[upstream];
         let idle = self.idle_timeout(request.uri().path());
+        // The path is kept only for the tunnel's log lines.
+        let tunnel_path = upgrade.as_ref().map(|_| request.uri().path().to_string());
+        let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
+        let method = parts.method.clone();
 
         // HTTP/2 clients send the host as :authority and usually no Host header; HTTP/1.1
         // clients in absolute form send both, and the request line wins (RFC 9112 3.2.2).
@@ -126,10 +139,10 @@ impl Gateway {
                 .cloned()
                 .ok_or(ProxyError::BadRequest("missing Host header".into()))?,
         };
-        let public_host = host
-            .to_str()
-            .map_err(|_| ProxyError::BadRequest("Host header is not ASCII".into()))?
-            .to_string();
+        if host.to_str().is_err() {
+            return Err(ProxyError::BadRequest("Host header is not ASCII".into()));
+        }
+        let public_host = host.clone();
 
         headers::remove_hop_by_hop(&mut parts.headers);
         // The gateway already answered `Expect: 100-continue` to its client when it began
@@ -141,13 +154,25 @@ impl Gateway {
         };
         headers::set_forwarding(&mut parts.headers, downstream, &host);
         parts.headers.insert(header::HOST, host);
+        if let Some(upgrade) = &upgrade {
+            upgrade.prepare_upstream(&mut parts.method, &mut parts.headers);
+        }
+        if route.name == PORTAL_ROUTE {
+            portal::prepare_request(&mut parts.headers);
+        }
 
         parts.uri = upstream_uri(&parts.uri, route, target)?;
         parts.version = http::Version::HTTP_11;
         let progress = BodyProgress::new();
-        let body = ClientBody::read_first_frame(body, idle, progress.clone())
-            .await
-            .map_err(|source| client_body_error(progress.failure(), source, idle))?;
+        let body = if upgrade.is_some() {
+            // An upgrade's data flows through the tunnel after the response, so there is
+            // no body to wait for here.
+            ClientBody::new(body, idle, progress.clone())
+        } else {
+            ClientBody::read_first_frame(body, idle, progress.clone())
+                .await
+                .map_err(|source| client_body_error(progress.failure(), source, idle))?
+        };
         let upstream_request = Request::from_parts(parts, body);
 
         let response = match self.send_upstream(upstream_request, &progress, idle).await {
@@ -181,17 +206,37 @@ impl Gateway {
             }
         };
 
+        let mut response = response;
+        let switching = upgrade.is_some() && response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let upstream_upgrade = switching.then(|| hyper::upgrade::on(&mut response));
         let (mut parts, body) = response.into_parts();
+        let upstream_protocol = parts.headers.get(header::UPGRADE).cloned();
         headers::remove_hop_by_hop(&mut parts.headers);
-        let context = RewriteContext {
-            table: &self.table,
-            origins: &self.origins,
-            public_host: &public_host,
-            route,
-            upstream,
+        if parts.headers.contains_key(header::LOCATION) || parts.headers.contains_key(header::WWW_AUTHENTICATE) {
+            let context = RewriteContext {
+                table: &self.table,
+                origins: &self.origins,
+                public_host: public_host.to_str().expect("checked to be ASCII above"),
+                route,
+                upstream,
+            };
+            rewrite_response_headers(&mut parts.headers, &context);
+        }
+
+        if let (Some(upgrade), Some(downstream), Some(upstream_side)) = (upgrade, downstream_upgrade, upstream_upgrade) {
+            parts.status = upgrade.prepare_downstream(upstream_protocol, &mut parts.headers);
+            upgrade::spawn_tunnel(downstream, upstream_side, idle, target.name.clone(), tunnel_path.unwrap_or_default());
+            return Ok(Response::from_parts(parts, ProxyBody::empty()));
+        }
+
+        let body = IdleTimeout::new(body, idle);
+        let body = match &route.strip_prefix {
+            Some(prefix) if route.name == PORTAL_ROUTE && portal::should_rewrite(&method, parts.status, &mut parts.headers) => {
+                ProxyBody::Html(portal::HtmlRewriteBody::new(body, prefix))
+            }
+            _ => ProxyBody::Streaming(body),
         };
-        rewrite_response_headers(&mut parts.headers, &context);
-        Ok(Response::from_parts(parts, ProxyBody::Streaming(IdleTimeout::new(body, idle))))
+        Ok(Response::from_parts(parts, body))
     }
 
     /// Sends the request and waits for the response headers. The wait is an idle timeout

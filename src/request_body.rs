@@ -99,6 +99,16 @@ pub struct ClientBody {
 }
 
 impl ClientBody {
+    /// Wraps the body without reading from it.
+    pub fn new(body: Incoming, idle: Duration, progress: Arc<BodyProgress>) -> ClientBody {
+        ClientBody {
+            ended: body.is_end_stream(),
+            inner: IdleTimeout::new(body, idle),
+            first: None,
+            progress,
+        }
+    }
+
     /// Wraps the body and reads its first frame, so that a body that is malformed from its
     /// first byte (an invalid chunk size) or a client that never sends it fails here,
     /// before anything reaches an upstream. Bodies that are empty by their framing are not
@@ -108,12 +118,7 @@ impl ClientBody {
         idle: Duration,
         progress: Arc<BodyProgress>,
     ) -> Result<ClientBody, BoxError> {
-        let mut body = ClientBody {
-            ended: body.is_end_stream(),
-            inner: IdleTimeout::new(body, idle),
-            first: None,
-            progress,
-        };
+        let mut body = ClientBody::new(body, idle, progress);
         if body.ended {
             return Ok(body);
         }

@@ -20,15 +20,22 @@ pub enum MatchKind {
     Exact,
 }
 
-/// What the gateway does with a request that matched a route.
+/// The gateway's action for a request that matched a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Proxy(UpstreamId),
-    /// The gateway answers itself with this status and message.
+    /// The gateway responds itself with this status and message.
     Respond(StatusCode, Cow<'static, str>),
     /// Permanent redirect (308) to the same path with a trailing `/`.
     AddTrailingSlash,
+    /// A Harbor route while `harbor.enabled` is false: 503 saying the registry is disabled.
+    RegistryDisabled,
 }
+
+/// Name of the route that serves the Harbor portal, whose HTML responses are rewritten.
+pub const PORTAL_ROUTE: &str = "portal";
+/// Name of the catch-all route to Rancher.
+pub const RANCHER_ROUTE: &str = "rancher";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -49,7 +56,7 @@ impl Route {
         matched.then_some(self.path.len())
     }
 
-    /// The path to send upstream: `path` without the route's strip prefix.
+    /// Removes the route's strip prefix from `path`, giving the path sent upstream.
     pub fn upstream_path<'a>(&self, path: &'a str) -> &'a str {
         match &self.strip_prefix {
             Some(strip) if path_has_prefix(path, strip) => match &path[strip.len()..] {
@@ -61,7 +68,8 @@ impl Route {
     }
 }
 
-/// Whether `path` is `prefix` or lies below it at a `/` boundary. `/` is a prefix of all.
+/// Tests whether `path` is `prefix` or lies below it at a `/` boundary. `/` is a prefix of
+/// every absolute path.
 pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
     if prefix == "/" {
         return path.starts_with('/');
@@ -95,13 +103,15 @@ const DEFAULT_ROUTES: &[(&str, MatchKind, &str, &str, Option<&str>)] = {
         ("harbor-login", Exact, "/c/userExists", HARBOR_CORE, None),
         ("harbor-login", Prefix, "/c/oidc", HARBOR_CORE, None),
         ("harbor-login", Prefix, "/c/authproxy", HARBOR_CORE, None),
-        ("portal", Prefix, "/registry", HARBOR_PORTAL, Some("/registry")),
-        ("rancher", Prefix, "/", RANCHER, None),
+        (PORTAL_ROUTE, Prefix, "/registry", HARBOR_PORTAL, Some("/registry")),
+        (RANCHER_ROUTE, Prefix, "/", RANCHER, None),
     ]
 };
 
 impl RouteTable {
     /// Builds the default table for the configured upstreams, then applies `[[routes]]`.
+    /// With `harbor.enabled = false` every default route except Rancher's answers 503;
+    /// routes from `[[routes]]` still apply as written, because the operator named them.
     pub fn from_config(config: &Config) -> RouteTable {
         let upstreams: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
         let upstream_id = |name: &str| upstreams.iter().position(|n| n == name);
@@ -134,6 +144,12 @@ impl RouteTable {
             action: Action::AddTrailingSlash,
             strip_prefix: None,
         });
+
+        if !config.harbor_enabled {
+            for route in routes.iter_mut().filter(|r| r.name != RANCHER_ROUTE) {
+                route.action = Action::RegistryDisabled;
+            }
+        }
 
         for spec in &config.routes {
             let route = route_from_spec(spec, &upstream_id);
@@ -341,6 +357,23 @@ token = "http://token"
         );
         let rancher = table.find("/dashboard").unwrap();
         assert!(matches!(rancher.action, Action::Respond(StatusCode::NOT_FOUND, _)));
+    }
+
+    #[test]
+    fn disabled_harbor_keeps_rancher() {
+        let table = table("[harbor]\nenabled = false\n");
+        for path in ["/v2/", "/v2/a/manifests/b", "/service/token", "/registry", "/registry/", "/registry/main.js",
+            "/registry/notary/v2/x", "/api/v2.0/projects", "/c/login", "/c/oidc/callback", "/service/notifications"]
+        {
+            assert_eq!(table.find(path).unwrap().action, Action::RegistryDisabled, "{path}");
+        }
+        for path in ["/", "/v3/settings", "/api/v1/namespaces", "/c/local/explorer", "/registry-x"] {
+            let route = table.find(path).unwrap();
+            assert!(
+                matches!(route.action, Action::Proxy(id) if table.upstream_name(id) == "rancher"),
+                "{path}: {route:?}"
+            );
+        }
     }
 
     #[test]

@@ -8,8 +8,10 @@ mod checks;
 
 use std::path::Path;
 
-/// Mutations per corpus file; about a second per target in a release build.
-const MUTATIONS: usize = 5_000;
+/// Mutations per target, spread over its corpus files; a few seconds per target in a
+/// release build. Each file gets at least `MIN_MUTATIONS`.
+const MUTATIONS: usize = 200_000;
+const MIN_MUTATIONS: usize = 50;
 
 /// Bytes that matter to the parsers under test, spliced in by the mutator.
 const TOKENS: &[&[u8]] = &[
@@ -67,9 +69,11 @@ fn mutate(input: &[u8], rng: &mut Rng) -> Vec<u8> {
 
 fn run(target: &str, check: fn(&[u8])) {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    for input in corpus(target) {
+    let inputs = corpus(target);
+    let per_input = (MUTATIONS / inputs.len()).max(MIN_MUTATIONS);
+    for input in inputs {
         check(&input);
-        for _ in 0..MUTATIONS {
+        for _ in 0..per_input {
             let mutated = mutate(&input, &mut rng);
             let result = std::panic::catch_unwind(|| check(&mutated));
             assert!(result.is_ok(), "{target} failed on input {:?}", String::from_utf8_lossy(&mutated));

@@ -27,6 +27,21 @@ pub const DEFAULT_DRAIN_SECONDS: u64 = 60;
 /// The kubelet updates a mounted Secret on its sync period (one minute by default) plus
 /// its cache delay, so a few seconds more go unnoticed, and a check is a few `stat` calls.
 pub const DEFAULT_WATCH_INTERVAL_SECONDS: u64 = 5;
+/// Seconds a client connection may stay open with no request in flight. Above the 60 s that
+/// many client pools wait before reusing a connection, below Go's 90 s `IdleConnTimeout`.
+pub const DEFAULT_KEEP_ALIVE_SECONDS: u64 = 75;
+
+/// Client connections served at once; further connections wait in the kernel's accept
+/// queue until one closes. Each costs two tasks, TLS state and buffers of about 100 KiB.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Bytes of request header fields accepted (names, values and their separators). Registry
+/// bearer tokens and Rancher session cookies are several KiB each; larger gets 431.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 << 10;
+/// Bytes of request target (path and query) accepted; longer gets 414. Upload `_state`
+/// query parameters are under 1 KiB.
+pub const DEFAULT_MAX_URI_BYTES: usize = 8 << 10;
+/// Concurrent HTTP/2 streams per client connection.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 250;
 /// Whether the Harbor routes (`/v2/`, `/registry/`, the portal carve-outs) are served. When
 /// false they answer 503 saying the registry is disabled, and Rancher routes work as before.
 pub const DEFAULT_HARBOR_ENABLED: bool = true;
@@ -74,7 +89,18 @@ struct RawConfig {
     #[serde(default)]
     reload: RawReload,
     #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
     harbor: RawHarbor,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<usize>,
+    max_header_bytes: Option<usize>,
+    max_uri_bytes: Option<usize>,
+    max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +139,7 @@ struct RawTimeouts {
     tls_handshake: Option<u64>,
     header_read: Option<u64>,
     drain: Option<u64>,
+    keep_alive: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -162,6 +189,16 @@ pub struct Timeouts {
     pub tls_handshake: Duration,
     pub header_read: Duration,
     pub drain: Duration,
+    pub keep_alive: Duration,
+}
+
+/// Resource limits per gateway and per client connection.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub max_uri_bytes: usize,
+    pub max_concurrent_streams: u32,
 }
 
 /// The validated, frozen configuration.
@@ -181,6 +218,7 @@ pub struct Config {
     pub ca_bundle_path: Option<PathBuf>,
     /// How often to check the watched files for changes; `None` turns watching off.
     pub watch_interval: Option<Duration>,
+    pub limits: Limits,
     /// `harbor.enabled`: false turns every default Harbor route into a 503.
     pub harbor_enabled: bool,
 }
@@ -259,7 +297,9 @@ impl Config {
             header_read: seconds("header_read", t.header_read, DEFAULT_HEADER_READ_SECONDS)
                 .map_err(invalid)?,
             drain: seconds("drain", t.drain, DEFAULT_DRAIN_SECONDS).map_err(invalid)?,
+            keep_alive: seconds("keep_alive", t.keep_alive, DEFAULT_KEEP_ALIVE_SECONDS).map_err(invalid)?,
         };
+        let limits = parse_limits(&raw.limits).map_err(invalid)?;
 
         Ok(Config {
             path: path.to_path_buf(),
@@ -277,6 +317,7 @@ impl Config {
             timeouts,
             routes: raw.routes,
             trusted_proxies,
+            limits,
             harbor_enabled: raw.harbor.enabled.unwrap_or(DEFAULT_HARBOR_ENABLED),
         })
     }
@@ -284,6 +325,26 @@ impl Config {
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
         self.upstreams.iter().find(|upstream| upstream.name == name)
     }
+}
+
+fn parse_limits(raw: &RawLimits) -> Result<Limits, String> {
+    let at_least = |key: &str, value: Option<usize>, default: usize, min: usize| match value {
+        Some(n) if n < min => Err(format!("limits.{key}: {n} is below the minimum {min}")),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    Ok(Limits {
+        max_connections: at_least("max_connections", raw.max_connections, DEFAULT_MAX_CONNECTIONS, 1)?,
+        // Smaller header limits would reject ordinary registry tokens.
+        max_header_bytes: at_least("max_header_bytes", raw.max_header_bytes, DEFAULT_MAX_HEADER_BYTES, 8 << 10)?,
+        max_uri_bytes: at_least("max_uri_bytes", raw.max_uri_bytes, DEFAULT_MAX_URI_BYTES, 1 << 10)?,
+        max_concurrent_streams: at_least(
+            "max_concurrent_streams",
+            raw.max_concurrent_streams.map(|n| n as usize),
+            DEFAULT_MAX_CONCURRENT_STREAMS as usize,
+            1,
+        )? as u32,
+    })
 }
 
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, String> {
@@ -385,6 +446,9 @@ harbor_core = "http://127.0.0.1:5000"
         assert_eq!(config.timeouts.registry_idle, Duration::from_secs(900));
         assert_eq!(config.timeouts.default_idle, Duration::from_secs(1800));
         assert!(config.admin_addr.is_none());
+        assert_eq!(config.limits.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(config.limits.max_header_bytes, 64 << 10);
+        assert_eq!(config.timeouts.keep_alive, Duration::from_secs(DEFAULT_KEEP_ALIVE_SECONDS));
         assert_eq!(config.upstream(HARBOR_CORE).unwrap().uri, "http://127.0.0.1:5000");
         assert!(config.harbor_enabled);
     }
@@ -418,6 +482,8 @@ harbor_core = "http://127.0.0.1:5000"
                 "leading segment",
             ),
             (format!("{MINIMAL}[proxy]\ntrusted_proxies = [\"lb\"]\n"), "not an IP address"),
+            (format!("{MINIMAL}[limits]\nmax_connections = 0\n"), "limits.max_connections"),
+            (format!("{MINIMAL}[limits]\nmax_header_bytes = 100\n"), "limits.max_header_bytes"),
         ];
         for (text, expected) in cases {
             let error = parse(&text).unwrap_err().to_string();

@@ -18,6 +18,21 @@ pub enum ProxyError {
     /// The client sent a request that the gateway will not forward.
     #[error("invalid request: {0}")]
     BadRequest(Cow<'static, str>),
+    /// The request target is longer than `limits.max_uri_bytes`.
+    #[error("the request target is {length} bytes, above the limit of {limit}")]
+    UriTooLong { length: usize, limit: usize },
+    /// The request header fields are larger than `limits.max_header_bytes`.
+    #[error("the request header fields are {size} bytes, above the limit of {limit}")]
+    HeadersTooLarge { size: usize, limit: usize },
+    /// The client's request body failed: malformed framing, or the client went away.
+    #[error("the request body could not be read: {source}")]
+    ClientBody {
+        #[source]
+        source: BoxError,
+    },
+    /// The client sent no request-body byte for the idle period.
+    #[error("the client sent no request body data for {timeout:?}")]
+    ClientBodyTimeout { timeout: Duration },
     /// The route table answers this path itself, for example a path blocked with 404.
     #[error("{message}")]
     RouteStatus {
@@ -51,6 +66,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::RouteStatus { status, .. } => *status,
             ProxyError::RegistryDisabled => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
@@ -65,6 +84,11 @@ impl ProxyError {
     fn client_message(&self) -> Cow<'static, str> {
         match self {
             ProxyError::BadRequest(message) => message.clone(),
+            ProxyError::UriTooLong { .. } | ProxyError::HeadersTooLarge { .. } => self.to_string().into(),
+            ProxyError::ClientBody { .. } => "the request body could not be read".into(),
+            ProxyError::ClientBodyTimeout { timeout } => {
+                format!("no request body data arrived for {} s", timeout.as_secs()).into()
+            }
             ProxyError::RouteStatus { message, .. } => message.clone(),
             ProxyError::RegistryDisabled => REGISTRY_DISABLED_MESSAGE.into(),
             ProxyError::NotImplemented(message) => message.clone(),
@@ -162,6 +186,10 @@ mod tests {
     fn status_mapping() {
         let cases = [
             (ProxyError::BadRequest("x".into()), 400),
+            (ProxyError::UriTooLong { length: 9000, limit: 8192 }, 414),
+            (ProxyError::HeadersTooLarge { size: 70000, limit: 65536 }, 431),
+            (ProxyError::ClientBody { source: io_error() }, 400),
+            (ProxyError::ClientBodyTimeout { timeout: Duration::from_secs(900) }, 408),
             (
                 ProxyError::RouteStatus {
                     status: StatusCode::NOT_FOUND,

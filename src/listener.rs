@@ -13,9 +13,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use crate::config::Limits;
+use crate::idle::{InFlight, Tracked};
 use crate::reload::SharedGateway;
 use crate::telemetry::{next_connection_id, ConnectionInfo};
 
@@ -24,34 +26,64 @@ use crate::telemetry::{next_connection_id, ConnectionInfo};
 pub struct ConnectionSettings {
     pub tls_handshake: Duration,
     pub header_read: Duration,
+    pub keep_alive: Duration,
+    pub limits: Limits,
 }
 
 /// HTTP/2 flow-control windows. A stream window well above the bandwidth-delay product of
 /// a fast link keeps layer pushes and pulls over HTTP/2 from stalling on WINDOW_UPDATEs.
 const H2_STREAM_WINDOW: u32 = 4 << 20;
 const H2_CONNECTION_WINDOW: u32 = 16 << 20;
-const H2_MAX_CONCURRENT_STREAMS: u32 = 250;
+/// Streams a client may reset before the gateway has accepted them, and streams the gateway
+/// may reset for protocol errors, before the connection gets GOAWAY. These bound the HTTP/2
+/// rapid-reset attack (CVE-2023-44487); the values are the h2 crate's own defaults.
+const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+/// hyper's read buffer is also its header limit (a head that does not fit gets 431), so
+/// it is sized from the header limits; this floor keeps body reads efficient.
+const MIN_READ_BUFFER: usize = 64 << 10;
+
+/// Bytes of request line and header section that the HTTP parsers accept at all. Requests
+/// up to this size are parsed, so the gateway can answer 414 or 431 with a readable body
+/// (see `proxy::check_request_size`); larger ones get hyper's or h2's bare 431.
+pub fn parser_header_limit(limits: &Limits) -> usize {
+    2 * (limits.max_header_bytes + limits.max_uri_bytes)
+}
 
 pub fn http_builder(settings: &ConnectionSettings) -> auto::Builder<TokioExecutor> {
+    let parser_limit = parser_header_limit(&settings.limits);
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The header read timeout also runs while a kept-alive connection waits for its next
+    // request line, so it bounds idle HTTP/1.1 connections too.
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read)
+        .max_buf_size(parser_limit.max(MIN_READ_BUFFER))
         .keep_alive(true);
+    // The header list limit also bounds a HEADERS frame followed by endless CONTINUATION
+    // frames: the h2 crate stops decoding and resets once the list grows past it.
     builder
         .http2()
         .timer(TokioTimer::new())
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
-        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_concurrent_streams(settings.limits.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(parser_limit).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
         // RFC 8441: lets HTTP/2 clients open WebSockets with extended CONNECT.
         .enable_connect_protocol();
     builder
 }
 
 /// Accepts connections until `shutdown` turns true. Each connection is registered with
-/// `graceful`, which signals it to finish its requests and close when the gateway drains.
+/// `graceful`, which waits for it to close when the gateway drains; `shutdown` asks it to
+/// finish its requests and close.
+///
+/// At most `limits.max_connections` connections are served at once. The loop stops
+/// accepting at the limit instead of accepting and closing, so waiting clients stay in the
+/// kernel's accept queue and get served as soon as a connection ends.
 pub async fn serve_https(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -61,7 +93,15 @@ pub async fn serve_https(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let builder = Arc::new(http_builder(&settings));
+    let slots = Arc::new(Semaphore::new(settings.limits.max_connections));
     loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            _ = shutdown.changed() => break,
+        };
+        if slots.available_permits() == 0 {
+            tracing::warn!(max_connections = settings.limits.max_connections, "connection limit reached; new connections wait");
+        }
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -80,6 +120,8 @@ pub async fn serve_https(
             builder: builder.clone(),
             settings: settings.clone(),
             graceful: graceful.watcher(),
+            drain: shutdown.clone(),
+            _permit: permit,
         };
         let id = next_connection_id();
         let span = tracing::info_span!("connection", id, client_addr = %peer);
@@ -92,7 +134,12 @@ struct Connection {
     gateway: SharedGateway,
     builder: Arc<auto::Builder<TokioExecutor>>,
     settings: ConnectionSettings,
+    /// Held until the connection ends so that `shutdown()` waits for it.
     graceful: Watcher,
+    drain: watch::Receiver<bool>,
+    /// NOTE: an upgraded connection (WebSocket) leaves hyper's connection future, so it
+    /// stops counting against the limit and the drain once the 101 response is sent.
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Connection {
@@ -136,20 +183,49 @@ impl Connection {
 
         let connection = Arc::new(ConnectionInfo { id, peer, tls_version, span });
         let gateway = self.gateway;
+        let in_flight = InFlight::default();
+        let requests = in_flight.clone();
         let service = service_fn(move |request| {
             // Each request takes the gateway in force when it arrives, so a reload
             // applies to open connections from their next request on.
             let gateway = gateway.load_full();
             let connection = connection.clone();
             let span = connection.span.clone();
-            async move { Ok::<_, Infallible>(gateway.handle(request, &connection).await) }.instrument(span)
+            let guard = requests.start();
+            async move {
+                let response = gateway.handle(request, &connection).await;
+                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, guard)))
+            }
+            .instrument(span)
         });
         let connection = self.builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-        let connection = self.graceful.watch(connection.into_owned());
-        match connection.await {
+        let mut connection = std::pin::pin!(connection.into_owned());
+        let mut drain = self.drain;
+        let idle = in_flight.idle_for(self.settings.keep_alive);
+        let mut idle = std::pin::pin!(idle);
+        let mut closing = false;
+
+        // Idle time and the drain both end the connection the same way: GOAWAY on HTTP/2,
+        // close after the current response on HTTP/1.1.
+        let result = loop {
+            tokio::select! {
+                result = connection.as_mut() => break result,
+                _ = idle.as_mut(), if !closing => {
+                    tracing::debug!(keep_alive = ?self.settings.keep_alive, "closing an idle connection");
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                _ = drain.wait_for(|stop| *stop), if !closing => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        };
+        match result {
             Ok(()) => tracing::debug!("connection closed"),
             Err(error) => tracing::debug!(error = %crate::proxy::error_chain(&*error), "connection closed with an error"),
         }
+        drop(self.graceful);
     }
 }
 

@@ -12,10 +12,12 @@ use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use crate::body::{IdleTimeout, ProxyBody};
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::error::{error_response, ProxyError};
 use crate::headers::{self, Downstream};
 use crate::metrics::{Metrics, RouteMetrics, UpstreamMetrics, NO_ROUTE};
+use crate::request_body::{BodyFailure, BodyProgress, ClientBody};
+use crate::request_checks::check_request;
 use crate::rewrite::{InternalOrigins, RewriteContext};
 use crate::routing::{path_has_prefix, Action, Route, RouteTable, UpstreamId, PORTAL_ROUTE};
 use crate::telemetry::{upstream_failure, ConnectionInfo, Exchange, ObservedBody};
@@ -48,6 +50,7 @@ pub struct Gateway {
     upstream_metrics: Vec<Arc<UpstreamMetrics>>,
     /// The PEM CA bundle served at `/registry/ca.crt`, when configured.
     ca_bundle: Option<Bytes>,
+    limits: Limits,
 }
 
 impl Gateway {
@@ -88,6 +91,7 @@ impl Gateway {
             registry_idle: config.timeouts.registry_idle,
             default_idle: config.timeouts.default_idle,
             trusted_proxies: config.trusted_proxies.clone(),
+            limits: config.limits.clone(),
         })
     }
 
@@ -151,6 +155,9 @@ impl Gateway {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // Before the route check, because a CONNECT target has no path.
         let upgrade = upgrade::classify(&request)?;
+        // Before the route is used: a path that an upstream would normalize elsewhere must
+        // not reach the route it seems to match.
+        check_request(&request, &self.limits)?;
         let route = route.ok_or(ProxyError::BadRequest("the request target is not an absolute path".into()))?;
 
         match &route.action {
@@ -221,26 +228,46 @@ impl Gateway {
 
         parts.uri = upstream_uri(&parts.uri, route, target)?;
         parts.version = http::Version::HTTP_11;
-        let upstream_request = Request::from_parts(parts, IdleTimeout::new(exchange.count_request_body(body), idle));
+        let body = exchange.count_request_body(body);
+        let progress = BodyProgress::new();
+        let body = if upgrade.is_some() {
+            // An upgrade's data flows through the tunnel after the response, so there is
+            // no body to wait for here.
+            ClientBody::new(body, idle, progress.clone())
+        } else {
+            ClientBody::read_first_frame(body, idle, progress.clone())
+                .await
+                .map_err(|source| client_body_error(progress.failure(), source, idle))?
+        };
+        let upstream_request = Request::from_parts(parts, body);
 
-        let response = match tokio::time::timeout(idle, self.client.request(upstream_request)).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) if error.is_connect() => {
+        let response = match self.send_upstream(upstream_request, &progress, idle).await {
+            Some(Ok(response)) => response,
+            Some(Err(error)) if progress.failure().is_some() => {
+                return Err(client_body_error(progress.failure(), error.into(), idle));
+            }
+            Some(Err(error)) if error.is_connect() => {
                 return Err(ProxyError::UpstreamConnect {
                     upstream: target.name.clone(),
                     source: error.into(),
                 });
             }
-            Ok(Err(error)) => {
+            Some(Err(error)) => {
                 return Err(ProxyError::UpstreamRequest {
                     upstream: target.name.clone(),
                     source: error.into(),
                 });
             }
-            Err(_elapsed) => {
-                return Err(ProxyError::UpstreamTimeout {
-                    upstream: target.name.clone(),
-                    timeout: idle,
+            None => {
+                return Err(match progress.failure() {
+                    Some(BodyFailure::Idle) => ProxyError::ClientBodyTimeout { timeout: idle },
+                    Some(BodyFailure::Invalid) => ProxyError::ClientBody {
+                        source: "the request body ended early or was malformed".into(),
+                    },
+                    None => ProxyError::UpstreamTimeout {
+                        upstream: target.name.clone(),
+                        timeout: idle,
+                    },
                 });
             }
         };
@@ -278,12 +305,50 @@ impl Gateway {
         Ok(Response::from_parts(parts, body))
     }
 
+    /// Sends the request and waits for the response headers. The wait is an idle timeout
+    /// that restarts with every request-body frame, so an upload that keeps moving is never
+    /// cut. `None` means that the wait expired or the request body failed, and `progress`
+    /// tells which. Dropping the request future aborts the upstream request.
+    async fn send_upstream(
+        &self,
+        request: Request<ClientBody>,
+        progress: &BodyProgress,
+        idle: Duration,
+    ) -> Option<Result<Response<Incoming>, hyper_util::client::legacy::Error>> {
+        let response = self.client.request(request);
+        let mut response = std::pin::pin!(response);
+        loop {
+            let deadline = progress.last_activity() + idle;
+            tokio::select! {
+                result = response.as_mut() => return Some(result),
+                _ = tokio::time::sleep_until(deadline) => {
+                    let expired = progress.last_activity() + idle <= tokio::time::Instant::now();
+                    if expired && (!progress.waiting_on_client() || progress.failure().is_some()) {
+                        return None;
+                    }
+                    if expired {
+                        // The body's idle timer ends the request; check again shortly.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    }
+
     fn idle_timeout(&self, path: &str) -> Duration {
         if is_registry_path(path) {
             self.registry_idle
         } else {
             self.default_idle
         }
+    }
+}
+
+/// Builds the error for a request whose body failed on the client's side.
+fn client_body_error(failure: Option<BodyFailure>, source: crate::body::BoxError, idle: Duration) -> ProxyError {
+    match failure {
+        Some(BodyFailure::Idle) => ProxyError::ClientBodyTimeout { timeout: idle },
+        Some(BodyFailure::Invalid) | None => ProxyError::ClientBody { source },
     }
 }
 

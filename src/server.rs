@@ -96,6 +96,8 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let settings = ConnectionSettings {
         tls_handshake: config.timeouts.tls_handshake,
         header_read: config.timeouts.header_read,
+        keep_alive: config.timeouts.keep_alive,
+        limits: config.limits.clone(),
     };
     tracing::info!(
         addr = %local_addr("https", &https)?,

@@ -80,6 +80,10 @@ pub enum UpstreamFailure {
 pub fn upstream_failure(error: &ProxyError) -> Option<UpstreamFailure> {
     match error {
         ProxyError::BadRequest(_)
+        | ProxyError::UriTooLong { .. }
+        | ProxyError::HeadersTooLarge { .. }
+        | ProxyError::ClientBody { .. }
+        | ProxyError::ClientBodyTimeout { .. }
         | ProxyError::RouteStatus { .. }
         | ProxyError::RegistryDisabled
         | ProxyError::NotImplemented(_) => None,

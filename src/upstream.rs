@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -13,12 +12,11 @@ use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
-use crate::body::IdleTimeout;
-use crate::telemetry::CountedBody;
+use crate::request_body::ClientBody;
 use crate::tls::crypto_provider;
 
 /// Request bodies go upstream frame by frame, counted, failing if the client stalls.
-pub type UpstreamBody = IdleTimeout<CountedBody<Incoming>>;
+pub type UpstreamBody = ClientBody;
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 /// Idle pooled connections are closed after this long. Registries and Harbor core keep

@@ -326,6 +326,8 @@ pub fn run(command: &mut Command) -> String {
     assert!(output.status.success(), "{command:?} failed with {}:\n{stdout}\n{stderr}", output.status);
     stdout
 }
+pub mod fixtures;
+pub mod h2raw;
 pub mod browser;
 pub mod portal;
 pub mod rancher;

@@ -1,0 +1,268 @@
+//! The request handler: route, forward, stream back.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+
+use crate::body::{IdleTimeout, ProxyBody};
+use crate::config::Config;
+use crate::error::{error_response, ProxyError};
+use crate::headers::{self, Downstream};
+use crate::rewrite::{InternalOrigins, RewriteContext};
+use crate::routing::{path_has_prefix, Action, Route, RouteTable, UpstreamId};
+use crate::upstream::{build_client, UpstreamClient, UpstreamTlsError};
+
+/// Scheme and authority of one upstream, ready to put into request URIs.
+#[derive(Debug, Clone)]
+struct UpstreamTarget {
+    name: String,
+    scheme: Scheme,
+    authority: Authority,
+}
+
+/// Everything needed to serve requests; built from one configuration and then shared.
+pub struct Gateway {
+    table: RouteTable,
+    targets: Vec<UpstreamTarget>,
+    origins: InternalOrigins,
+    client: UpstreamClient,
+    registry_idle: Duration,
+    default_idle: Duration,
+    trusted_proxies: Vec<std::net::IpAddr>,
+}
+
+impl Gateway {
+    pub fn new(config: &Config) -> Result<Gateway, UpstreamTlsError> {
+        let targets = config
+            .upstreams
+            .iter()
+            .map(|upstream| UpstreamTarget {
+                name: upstream.name.clone(),
+                scheme: upstream.uri.scheme().cloned().expect("validated in config: scheme"),
+                authority: upstream.uri.authority().cloned().expect("validated in config: host"),
+            })
+            .collect();
+        Ok(Gateway {
+            table: RouteTable::from_config(config),
+            targets,
+            origins: InternalOrigins::new(&config.upstreams),
+            client: build_client(config.upstream_ca_file.as_deref(), config.timeouts.connect)?,
+            registry_idle: config.timeouts.registry_idle,
+            default_idle: config.timeouts.default_idle,
+            trusted_proxies: config.trusted_proxies.clone(),
+        })
+    }
+
+    pub fn routes(&self) -> &RouteTable {
+        &self.table
+    }
+
+    /// Serves one request from a downstream client; every failure becomes a response.
+    pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let registry_path = is_registry_path(request.uri().path());
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+
+        match self.route(request, peer).await {
+            Ok(response) => response,
+            Err(error) => {
+                let status = error.status();
+                if status.is_server_error() {
+                    tracing::warn!(%peer, %method, %path, %status, error = %error_chain(&error), "request failed");
+                } else {
+                    tracing::debug!(%peer, %method, %path, %status, error = %error, "request rejected");
+                }
+                error.into_response(registry_path)
+            }
+        }
+    }
+
+    async fn route(&self, request: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, ProxyError> {
+        let route = self
+            .table
+            .find(request.uri().path())
+            .ok_or(ProxyError::BadRequest("the request target is not an absolute path".into()))?;
+
+        match &route.action {
+            Action::Proxy(upstream) => self.forward(request, peer, route, *upstream).await,
+            Action::Respond(status, message) => Err(ProxyError::RouteStatus {
+                status: *status,
+                message: message.clone(),
+            }),
+            Action::AddTrailingSlash => Ok(redirect_with_slash(request.uri())),
+        }
+    }
+
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        route: &Route,
+        upstream: UpstreamId,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let target = &self.targets[upstream];
+        let idle = self.idle_timeout(request.uri().path());
+        let (mut parts, body) = request.into_parts();
+
+        // HTTP/2 clients send the host as :authority and usually no Host header; HTTP/1.1
+        // clients in absolute form send both, and the request line wins (RFC 9112 3.2.2).
+        let host = match parts.uri.authority() {
+            Some(authority) => HeaderValue::from_str(authority.as_str())
+                .map_err(|_| ProxyError::BadRequest("invalid authority".into()))?,
+            None => parts
+                .headers
+                .get(header::HOST)
+                .cloned()
+                .ok_or(ProxyError::BadRequest("missing Host header".into()))?,
+        };
+        let public_host = host
+            .to_str()
+            .map_err(|_| ProxyError::BadRequest("Host header is not ASCII".into()))?
+            .to_string();
+
+        headers::remove_hop_by_hop(&mut parts.headers);
+        // The gateway already answered `Expect: 100-continue` to its client when it began
+        // reading the body; the upstream gets the body right away.
+        parts.headers.remove(header::EXPECT);
+        let downstream = Downstream {
+            peer: peer.ip(),
+            trusted: self.trusted_proxies.contains(&peer.ip()),
+        };
+        headers::set_forwarding(&mut parts.headers, downstream, &host);
+        parts.headers.insert(header::HOST, host);
+
+        parts.uri = upstream_uri(&parts.uri, route, target)?;
+        parts.version = http::Version::HTTP_11;
+        let upstream_request = Request::from_parts(parts, IdleTimeout::new(body, idle));
+
+        let response = match tokio::time::timeout(idle, self.client.request(upstream_request)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) if error.is_connect() => {
+                return Err(ProxyError::UpstreamConnect {
+                    upstream: target.name.clone(),
+                    source: error.into(),
+                });
+            }
+            Ok(Err(error)) => {
+                return Err(ProxyError::UpstreamRequest {
+                    upstream: target.name.clone(),
+                    source: error.into(),
+                });
+            }
+            Err(_elapsed) => {
+                return Err(ProxyError::UpstreamTimeout {
+                    upstream: target.name.clone(),
+                    timeout: idle,
+                });
+            }
+        };
+
+        let (mut parts, body) = response.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        let context = RewriteContext {
+            table: &self.table,
+            origins: &self.origins,
+            public_host: &public_host,
+            route,
+            upstream,
+        };
+        rewrite_response_headers(&mut parts.headers, &context);
+        Ok(Response::from_parts(parts, ProxyBody::Streaming(IdleTimeout::new(body, idle))))
+    }
+
+    fn idle_timeout(&self, path: &str) -> Duration {
+        if is_registry_path(path) {
+            self.registry_idle
+        } else {
+            self.default_idle
+        }
+    }
+}
+
+/// `/v2` and everything under it: the Docker Registry HTTP API V2.
+pub fn is_registry_path(path: &str) -> bool {
+    path_has_prefix(path, "/v2")
+}
+
+/// The absolute URI the upstream client connects with. The path and query are the client's
+/// bytes, minus the route's strip prefix; nothing is decoded or normalized.
+fn upstream_uri(uri: &Uri, route: &Route, target: &UpstreamTarget) -> Result<Uri, ProxyError> {
+    let path = uri.path();
+    let upstream_path = route.upstream_path(path);
+    let path_and_query = if upstream_path.len() == path.len() {
+        uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"))
+    } else {
+        let joined = match uri.query() {
+            Some(query) => format!("{upstream_path}?{query}"),
+            None => upstream_path.to_string(),
+        };
+        PathAndQuery::try_from(joined)
+            .map_err(|_| ProxyError::BadRequest("invalid request target".into()))?
+    };
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(target.scheme.clone());
+    parts.authority = Some(target.authority.clone());
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target".into()))
+}
+
+fn rewrite_response_headers(headers: &mut http::HeaderMap, context: &RewriteContext<'_>) {
+    if let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
+        if let Some(rewritten) = context.rewrite_url(location) {
+            if let Ok(value) = HeaderValue::from_str(&rewritten) {
+                headers.insert(header::LOCATION, value);
+            }
+        }
+    }
+
+    if headers.contains_key(header::WWW_AUTHENTICATE) {
+        let values: Vec<HeaderValue> = headers
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .map(|value| {
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|text| context.rewrite_www_authenticate(text))
+                    .and_then(|text| HeaderValue::from_str(&text).ok())
+                    .unwrap_or_else(|| value.clone())
+            })
+            .collect();
+        headers.remove(header::WWW_AUTHENTICATE);
+        for value in values {
+            headers.append(header::WWW_AUTHENTICATE, value);
+        }
+    }
+}
+
+/// 308 from `/registry` to `/registry/`, keeping the query.
+fn redirect_with_slash(uri: &Uri) -> Response<ProxyBody> {
+    let location = match uri.query() {
+        Some(query) => format!("{}/?{query}", uri.path()),
+        None => format!("{}/", uri.path()),
+    };
+    match HeaderValue::from_str(&location) {
+        Ok(value) => Response::builder()
+            .status(StatusCode::PERMANENT_REDIRECT)
+            .header(header::LOCATION, value)
+            .body(ProxyBody::empty())
+            .expect("valid redirect response"),
+        Err(_) => error_response(StatusCode::BAD_REQUEST, "invalid request target", false),
+    }
+}
+
+/// The error and its sources on one line, for logs.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -7,17 +7,18 @@
 # Usage: benches/load/run.sh            full run, about 10-15 min on 2 cores
 #        QUICK=1 benches/load/run.sh    smoke run, under 2 min, no 512 MiB blob
 # Environment:
-#   GATEWAY_BIN       gateway binary (default target/release/harbor-gateway);
+#   GATEWAY_BIN       gateway binary (default $CARGO_TARGET_DIR/release/
+#                     harbor-gateway, CARGO_TARGET_DIR defaulting to target);
 #                     without it the run goes on with the other three fronts
 #   REQUIRE_GATEWAY=1 fail instead when the gateway binary is missing
 #   FRONTS            space-separated subset of: direct nginx nginx-tuned gateway
 #   ROUNDS            rounds of each small-request workload (default 3, quick 1)
 #   LARGE_ROUNDS      rounds of each large-transfer workload (default 3, quick 1)
 #   REQUESTS          requests per small-request run through the registry
-#                     (default 10000, quick 2000)
+#                     (default 6000, quick 1000)
 #   STATIC_REQUESTS   requests per run through the static upstream, a file
 #                     server standing in for the registry so that the front
-#                     limits the rate (default 40000, quick 5000)
+#                     limits the rate (default 40000, quick 4000)
 #   GATEWAY_RUST_LOG  RUST_LOG for the gateway (default info)
 #   NGINX_ACCESS_LOG  1 (default, as Harbor does) or 0 to turn nginx logging off
 # Output: benches/load/results/<timestamp>/ (raw tool output, runs.tsv,
@@ -36,7 +37,7 @@ source "$BENCH_DIR/lib/seed.sh"
 source "$BENCH_DIR/lib/workloads.sh"
 
 QUICK=${QUICK:-0}
-GATEWAY_BIN=${GATEWAY_BIN:-$REPO_ROOT/target/release/harbor-gateway}
+GATEWAY_BIN=${GATEWAY_BIN:-${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/harbor-gateway}
 CERT=$REPO_ROOT/certs-test/tls.crt
 KEY=$REPO_ROOT/certs-test/tls.key
 CA=$REPO_ROOT/certs-test/ca.crt
@@ -47,14 +48,14 @@ declare -A LAYER_SIZES=([layer4k]=4096 [layer1m]=1048576 [layer64m]=67108864)
 if [[ $QUICK == 1 ]]; then
     ROUNDS=${ROUNDS:-1}
     LARGE_ROUNDS=${LARGE_ROUNDS:-1}
-    REQUESTS=${REQUESTS:-2000}
-    STATIC_REQUESTS=${STATIC_REQUESTS:-5000}
+    REQUESTS=${REQUESTS:-1000}
+    STATIC_REQUESTS=${STATIC_REQUESTS:-4000}
     # A run that overruns its budget skips the workloads still to come.
     BUDGET_SECONDS=${BUDGET_SECONDS:-110}
 else
     ROUNDS=${ROUNDS:-3}
     LARGE_ROUNDS=${LARGE_ROUNDS:-3}
-    REQUESTS=${REQUESTS:-10000}
+    REQUESTS=${REQUESTS:-6000}
     STATIC_REQUESTS=${STATIC_REQUESTS:-40000}
     BUDGET_SECONDS=${BUDGET_SECONDS:-1080}
     LAYER_SIZES[layer512m]=536870912

@@ -26,6 +26,7 @@ RATE_ROWS = [
     ("registry CPU us/req", "upstream_cpu"),
     ("front+registry us/req", "total_cpu"),
     ("front peak RSS MiB", "rss_mib"),
+    ("other load, cores", "others_cores"),
 ]
 TRANSFER_ROWS = [
     ("MB/s", "mbps"),
@@ -33,10 +34,13 @@ TRANSFER_ROWS = [
     ("registry CPU s/GB", "upstream_cpu"),
     ("front+registry s/GB", "total_cpu"),
     ("front peak RSS MiB", "rss_mib"),
+    ("other load, cores", "others_cores"),
 ]
 # Rows where a gateway/direct ratio compares unlike things: for "direct" the
 # front is the registry itself and there is no separate upstream.
 NO_DIRECT_RATIO = {"front_cpu", "upstream_cpu", "rss_mib"}
+# Rows that describe the machine during the run, not the front.
+NO_RATIO = {"others_cores"}
 
 
 def percentile(sorted_values, fraction):
@@ -124,7 +128,7 @@ def load_runs(results):
     runs = []
     with open(os.path.join(results, "runs.tsv")) as table:
         for line in table:
-            front, workload, rnd, kind, units, raw, wall_us, cpu, up_cpu, hwm, rc = (
+            front, workload, rnd, kind, units, raw, wall_us, cpu, up_cpu, hwm, rc, others = (
                 line.rstrip("\n").split("\t")
             )
             if workload == "warmup":
@@ -140,6 +144,7 @@ def load_runs(results):
                 "upstream_cpu_s": int(up_cpu) / CLOCK_TICKS,
                 "rss_mib": int(hwm) / 1024.0,
                 "rc": int(rc),
+                "others_cores": int(others) / CLOCK_TICKS / max(int(wall_us) / 1e6, 1e-9),
             }
             run.update(metrics_of(run, raw))
             runs.append(run)
@@ -225,8 +230,12 @@ def render(summary, workloads, fronts):
             gateway = summary.get((workload, "gateway"), {}).get(metric)
             for _, other in RATIOS:
                 base = summary.get((workload, other), {}).get(metric)
-                usable = gateway and base and base[0] and not (
-                    other == "direct" and metric in NO_DIRECT_RATIO
+                usable = (
+                    gateway
+                    and base
+                    and base[0]
+                    and metric not in NO_RATIO
+                    and not (other == "direct" and metric in NO_DIRECT_RATIO)
                 )
                 line += f"{gateway[0] / base[0]:>10.2f}" if usable else f"{'-':>10}"
             lines.append(line)
@@ -249,7 +258,9 @@ the whole registry, so CPU and RSS ratios against it are left out; compare
 front+registry instead. CPU comes from utime+stime in /proc/<pid>/stat (nginx:
 master and workers), peak RSS from VmHWM reset before each run (nginx: summed
 over master and workers). MB/s is 10^6 bytes per second of wall time, GB 10^9
-bytes. Client, fronts and registry share the same cores. static-* workloads go
+bytes. Client, fronts and registry share the same cores. "other load" is the
+machine's busy CPU during the run minus front, upstream and client: work of
+other processes, in cores; runs with a high value are less trustworthy. static-* workloads go
 through a static file server (nginx, 1 worker) standing in for the registry:
 there "direct" is that file server over TLS and "registry CPU" is its CPU."""
 

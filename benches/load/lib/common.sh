@@ -92,3 +92,29 @@ peak_rss_kib() {
     done
     echo "$total"
 }
+
+# Busy clock ticks of the whole machine since boot, from the "cpu" line of
+# /proc/stat: user, nice, system, irq, softirq and steal.
+machine_busy_ticks() {
+    local label user nice system idle iowait irq softirq steal
+    read -r label user nice system idle iowait irq softirq steal _ < /proc/stat
+    echo $((user + nice + system + irq + softirq + steal))
+}
+
+# Set CLIENT_TICKS to the CPU of this shell's finished children (the
+# benchmark clients) in clock ticks, from the second line of the "times"
+# builtin ("0m1.250s 0m0.310s"). It must run in this shell, not in a
+# subshell, whose children are counted from zero.
+client_ticks() {
+    local user sys
+    times >"$WORK/times.txt"
+    read -r user sys < <(tail -1 "$WORK/times.txt")
+    CLIENT_TICKS=$(awk -v u="$user" -v s="$sys" -v t="$(getconf CLK_TCK)" '
+        function secs(x,  m) {
+            m = substr(x, 1, index(x, "m") - 1)
+            x = substr(x, index(x, "m") + 1)
+            sub("s", "", x)
+            return m * 60 + x
+        }
+        BEGIN { printf "%d\n", (secs(u) + secs(s)) * t }')
+}

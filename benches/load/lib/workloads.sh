@@ -23,14 +23,14 @@ front_base() {
 measure() {
     local front=$1 workload=$2 round=$3 kind=$4 units=$5
     shift 5
-    local pids up_pids cpu0 cpu1 up0 up1 t0 t1 rc hwm
+    local pids up_pids cpu0 cpu1 up0 up1 t0 t1 rc hwm busy0 busy1 client0 client1 others
     read -r -a up_pids <<< "$(pid_family "${UP_PID[$UPSTREAM_NOW]}" | tr '\n' ' ')"
     # For "direct" the front is the upstream, so no upstream CPU is counted.
     [[ $front == direct ]] && up_pids=()
     RAW=$RESULTS/raw/$workload.$front.r$round
     FRONT_NOW=$front
     if ! servers_alive "$front"; then
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t0\t0\t0\t0\t99\n' \
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t0\t0\t0\t0\t99\t0\n' \
             "$front" "$workload" "$round" "$kind" "$units" "$RAW" >>"$RESULTS/runs.tsv"
         return 0
     fi
@@ -39,18 +39,28 @@ measure() {
     reset_peak_rss "${pids[@]}"
     cpu0=$(cpu_ticks "${pids[@]}")
     up0=$(cpu_ticks "${up_pids[@]}")
+    client_ticks
+    client0=$CLIENT_TICKS
+    busy0=$(machine_busy_ticks)
     t0=$(date +%s%N)
     "$@"
     rc=$?
     t1=$(date +%s%N)
+    busy1=$(machine_busy_ticks)
+    client_ticks
+    client1=$CLIENT_TICKS
     read -r -a pids <<< "$(front_pids "$front" | tr '\n' ' ')"
     cpu1=$(cpu_ticks "${pids[@]}")
     up1=$(cpu_ticks "${up_pids[@]}")
     hwm=$(peak_rss_kib "${pids[@]}")
+    # CPU that neither the front, its upstream nor the client used: other
+    # work on the machine, which makes the run less trustworthy.
+    others=$(((busy1 - busy0) - (cpu1 - cpu0) - (up1 - up0) - (client1 - client0)))
+    ((others < 0)) && others=0
 
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
         "$front" "$workload" "$round" "$kind" "$units" "$RAW" "$(( (t1 - t0) / 1000 ))" \
-        "$((cpu1 - cpu0))" "$((up1 - up0))" "$hwm" "$rc" >>"$RESULTS/runs.tsv"
+        "$((cpu1 - cpu0))" "$((up1 - up0))" "$hwm" "$rc" "$others" >>"$RESULTS/runs.tsv"
     [[ $rc -eq 0 ]] || log "  $workload on $front round $round: client exited $rc (see $RAW.*)"
 }
 

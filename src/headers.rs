@@ -3,7 +3,7 @@
 //! Hop-by-hop headers follow RFC 9110 section 7.6.1: `Connection`, every header that it
 //! names, and the fixed list below apply to one connection only and are never forwarded.
 //! Forwarding headers follow the de-facto `X-Forwarded-*` convention and RFC 7239
-//! `Forwarded`; values from a peer that is not a configured trusted proxy are replaced,
+//! `Forwarded`. Values from a peer that is not a configured trusted proxy are replaced,
 //! because a client could otherwise claim any address or scheme.
 
 use std::net::IpAddr;
@@ -46,7 +46,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// What the gateway knows about the downstream connection, for forwarding headers.
+/// Facts about the downstream connection that go into forwarding headers.
 #[derive(Debug, Clone, Copy)]
 pub struct Downstream {
     pub peer: IpAddr,
@@ -92,7 +92,7 @@ pub fn set_forwarding(headers: &mut HeaderMap, downstream: Downstream, host: &He
     }
 }
 
-/// The port of a `Host` value (`name:port`, `[v6]:port`), if it has one.
+/// Extracts the port of a `Host` value (`name:port`, `[v6]:port`), if it has one.
 fn host_port(host: &[u8]) -> Option<&[u8]> {
     let colon = host.iter().rposition(|&b| b == b':')?;
     let port = &host[colon + 1..];

@@ -46,7 +46,7 @@ pub fn http_builder(settings: &ConnectionSettings) -> auto::Builder<TokioExecuto
 }
 
 /// Accepts connections until `shutdown` turns true. Each connection is registered with
-/// `graceful`, which asks it to finish its requests and close when the gateway drains.
+/// `graceful`, which signals it to finish its requests and close when the gateway drains.
 pub async fn serve_https(
     listener: TcpListener,
     acceptor: TlsAcceptor,

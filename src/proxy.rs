@@ -63,20 +63,22 @@ impl Gateway {
 
     /// Serves one request from a downstream client; every failure becomes a response.
     pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
-        let registry_path = is_registry_path(request.uri().path());
+        // Cloning the URI and method only bumps reference counts; they are kept for the
+        // error log line after the request has moved upstream.
+        let uri = request.uri().clone();
         let method = request.method().clone();
-        let path = request.uri().path().to_string();
 
         match self.route(request, peer).await {
             Ok(response) => response,
             Err(error) => {
                 let status = error.status();
+                let path = uri.path();
                 if status.is_server_error() {
-                    tracing::warn!(%peer, %method, %path, %status, error = %error_chain(&error), "request failed");
+                    tracing::warn!(%peer, %method, path, %status, error = %error_chain(&error), "request failed");
                 } else {
-                    tracing::debug!(%peer, %method, %path, %status, error = %error, "request rejected");
+                    tracing::debug!(%peer, %method, path, %status, error = %error, "request rejected");
                 }
-                error.into_response(registry_path)
+                error.into_response(is_registry_path(path))
             }
         }
     }
@@ -119,10 +121,10 @@ impl Gateway {
                 .cloned()
                 .ok_or(ProxyError::BadRequest("missing Host header".into()))?,
         };
-        let public_host = host
-            .to_str()
-            .map_err(|_| ProxyError::BadRequest("Host header is not ASCII".into()))?
-            .to_string();
+        if host.to_str().is_err() {
+            return Err(ProxyError::BadRequest("Host header is not ASCII".into()));
+        }
+        let public_host = host.clone();
 
         headers::remove_hop_by_hop(&mut parts.headers);
         // The gateway already answered `Expect: 100-continue` to its client when it began
@@ -163,14 +165,16 @@ impl Gateway {
 
         let (mut parts, body) = response.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
-        let context = RewriteContext {
-            table: &self.table,
-            origins: &self.origins,
-            public_host: &public_host,
-            route,
-            upstream,
-        };
-        rewrite_response_headers(&mut parts.headers, &context);
+        if parts.headers.contains_key(header::LOCATION) || parts.headers.contains_key(header::WWW_AUTHENTICATE) {
+            let context = RewriteContext {
+                table: &self.table,
+                origins: &self.origins,
+                public_host: public_host.to_str().expect("checked to be ASCII above"),
+                route,
+                upstream,
+            };
+            rewrite_response_headers(&mut parts.headers, &context);
+        }
         Ok(Response::from_parts(parts, ProxyBody::Streaming(IdleTimeout::new(body, idle))))
     }
 

@@ -20,11 +20,11 @@ pub enum MatchKind {
     Exact,
 }
 
-/// What the gateway does with a request that matched a route.
+/// The gateway's action for a request that matched a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Proxy(UpstreamId),
-    /// The gateway answers itself with this status and message.
+    /// The gateway responds itself with this status and message.
     Respond(StatusCode, Cow<'static, str>),
     /// Permanent redirect (308) to the same path with a trailing `/`.
     AddTrailingSlash,
@@ -49,7 +49,7 @@ impl Route {
         matched.then_some(self.path.len())
     }
 
-    /// The path to send upstream: `path` without the route's strip prefix.
+    /// Removes the route's strip prefix from `path`, giving the path sent upstream.
     pub fn upstream_path<'a>(&self, path: &'a str) -> &'a str {
         match &self.strip_prefix {
             Some(strip) if path_has_prefix(path, strip) => match &path[strip.len()..] {
@@ -61,7 +61,8 @@ impl Route {
     }
 }
 
-/// Whether `path` is `prefix` or lies below it at a `/` boundary. `/` is a prefix of all.
+/// Tests whether `path` is `prefix` or lies below it at a `/` boundary. `/` is a prefix of
+/// every absolute path.
 pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
     if prefix == "/" {
         return path.starts_with('/');

@@ -31,8 +31,8 @@ pub fn ca_file() -> PathBuf {
     repo_path("certs-test/ca.crt")
 }
 
-/// A port that was free a moment ago. Programs that cannot listen on port 0 and report it
-/// get one of these; a clash with another process is possible but rare.
+/// Picks a port that was free a moment ago, for programs that cannot listen on port 0 and
+/// report it. A clash with another process is possible but rare.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -213,7 +213,7 @@ pub enum Protocol {
     Http2,
 }
 
-/// An HTTPS client that trusts the test CA and speaks only `protocol`.
+/// Builds an HTTPS client that trusts the test CA and speaks only `protocol`.
 pub fn https_client(protocol: Protocol) -> HttpsClient {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca_file()).unwrap() {

@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Summarise one load-benchmark run directory into a table with ratios.
 
+Usage: report.py RESULTS_DIR [--markdown]. With --markdown it prints only a
+condensed table for docs.
+
 Reads runs.tsv (one line per client run, written by run.sh) and the raw tool
-output it points at, and prints, per workload and front, the median over the
-rounds and the spread, (max - min) / median, so noise is visible next to
+output it points at. For each workload and front it prints the median over
+the rounds and the spread, (max - min) / median, so noise is visible next to
 every ratio.
 """
 
@@ -253,20 +256,52 @@ def render(summary, workloads, fronts):
 LEGEND = """\
 Cells: median over rounds, ±(max-min)/median across rounds. Ratios are gateway
 median / other median: above 1 is better for req/s and MB/s, worse for latency,
-CPU and memory. "direct" is the registry serving TLS itself: its front CPU is
-the whole registry, so CPU and RSS ratios against it are left out; compare
+CPU and memory. "direct" is the registry serving TLS itself. Its front CPU is
+the whole registry, so CPU and RSS ratios against it are left out. Compare
 front+registry instead. CPU comes from utime+stime in /proc/<pid>/stat (nginx:
 master and workers), peak RSS from VmHWM reset before each run (nginx: summed
 over master and workers). MB/s is 10^6 bytes per second of wall time, GB 10^9
 bytes. Client, fronts and registry share the same cores. "other load" is the
 machine's busy CPU during the run minus front, upstream and client: work of
-other processes, in cores; runs with a high value are less trustworthy. static-* workloads go
-through a static file server (nginx, 1 worker) standing in for the registry:
-there "direct" is that file server over TLS and "registry CPU" is its CPU."""
+other processes, in cores. Runs with a high value are less trustworthy.
+static-* workloads go through a static file server (nginx, 1 worker) that
+stands in for the registry. There "direct" is that file server over TLS and
+"registry CPU" is its CPU."""
+
+
+# Rows of the condensed Markdown table: one throughput, one latency and the
+# front's CPU and memory per workload.
+MARKDOWN_RATE = [("req/s", "rps"), ("p99 ms", "p99_ms"), ("front CPU us/req", "front_cpu"),
+                 ("front peak RSS MiB", "rss_mib")]
+MARKDOWN_TRANSFER = [("MB/s", "mbps"), ("front CPU s/GB", "front_cpu"),
+                     ("front peak RSS MiB", "rss_mib")]
+
+
+def render_markdown(summary, workloads, fronts):
+    header = ["workload", "metric", *fronts, *(name for name, _ in RATIOS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for workload, kind in workloads:
+        rows = MARKDOWN_RATE if kind == "rate" else MARKDOWN_TRANSFER
+        for index, (label, metric) in enumerate(rows):
+            cells = [workload if index == 0 else "", label]
+            for front in fronts:
+                cell = summary.get((workload, front), {})
+                cells.append("-" if front == "direct" and metric in NO_DIRECT_RATIO
+                             else format_cell(cell, metric))
+            gateway = summary.get((workload, "gateway"), {}).get(metric)
+            for _, other in RATIOS:
+                base = summary.get((workload, other), {}).get(metric)
+                usable = gateway and base and base[0] and not (
+                    other == "direct" and metric in NO_DIRECT_RATIO
+                )
+                cells.append(f"{gateway[0] / base[0]:.2f}" if usable else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main():
     results = sys.argv[1]
+    markdown = "--markdown" in sys.argv[2:]
     runs = load_runs(results)
     summary = summarise(runs)
     workloads = []
@@ -274,6 +309,9 @@ def main():
         if (run["workload"], run["kind"]) not in workloads:
             workloads.append((run["workload"], run["kind"]))
     fronts = [f for f in FRONTS if any(run["front"] == f for run in runs)]
+    if markdown:
+        print(render_markdown(summary, workloads, fronts))
+        return
 
     with open(os.path.join(results, "versions.txt")) as versions:
         print(versions.read().rstrip())

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Load benchmark of the registry pull and push paths, side by side through four
-# fronts on loopback: the registry itself over TLS ("direct"), nginx set up like
-# Harbor's front proxy ("nginx"), the same nginx with larger proxy buffers
-# ("nginx-tuned") and harbor-gateway ("gateway").
+# Load benchmark of the registry pull and push paths through four fronts side
+# by side, on loopback. The fronts are the registry itself over TLS ("direct"),
+# nginx set up like Harbor's front proxy ("nginx"), the same nginx with larger
+# proxy buffers ("nginx-tuned") and harbor-gateway ("gateway").
 #
 # Usage: benches/load/run.sh            full run, about 10-15 min on 2 cores
 #        QUICK=1 benches/load/run.sh    smoke run, under 2 min, no 512 MiB blob
@@ -61,9 +61,9 @@ else
     LAYER_SIZES[layer512m]=536870912
 fi
 FRONTS=${FRONTS:-direct nginx nginx-tuned gateway}
-# With proxy_buffering off nginx relays a response through one buffer of
-# proxy_buffer_size (4k or 8k by default); with proxy_request_buffering off it
-# relays an upload through client_body_buffer_size. Both are raised here;
+# With proxy_buffering off, nginx relays a response through one buffer of
+# proxy_buffer_size (4k or 8k by default). With proxy_request_buffering off, it
+# relays an upload through client_body_buffer_size. Both are raised here, and
 # nginx then requires proxy_buffers and proxy_busy_buffers_size to match.
 NGINX_TUNING='proxy_buffer_size 256k; proxy_buffers 4 256k; proxy_busy_buffers_size 256k; client_body_buffer_size 256k;'
 
@@ -129,7 +129,7 @@ write_versions() {
         echo "cpu: $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
         echo "memory: $(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
         echo "kernel: $(uname -r)"
-        # Other work on the machine skews every column; the load average shows it.
+        # Other work on the machine skews every column, and the load average shows it.
         echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
         echo "nginx: $(nginx -v 2>&1)"
         echo "registry: $(docker-registry --version)"
@@ -214,7 +214,7 @@ main() {
     for ((i = 0; i < 8; i++)); do urls+=("@BASE@$blob64m"); done
     each_front "$LARGE_ROUNDS" blob64m-x8-get-h2 transfer $((8 * mib64)) by_front run_curl_get h2 "${urls[@]}"
 
-    # Pushes go to another repository; the registry deduplicates by digest, so
+    # Pushes go to another repository. The registry deduplicates by digest, so
     # repeating a push stores nothing new.
     each_front "$LARGE_ROUNDS" "push${label}-monolithic" transfer "$big_bytes" \
         by_front run_push_monolithic "@BASE@" "$WORK/blobs/$big" "${DIGEST[$big]}"

@@ -19,7 +19,7 @@ ensure_tools() {
     [[ $(id -u) -eq 0 ]] || die "missing ${missing[*]}; run as root or install them first"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    # The Debian packages start their own services; the benchmark runs private
+    # The Debian packages start their own services. The benchmark runs private
     # instances, so the system ones are stopped to keep the CPU quiet.
     command -v systemctl >/dev/null 2>&1 && systemctl stop nginx docker-registry 2>/dev/null || true
 }
@@ -47,7 +47,7 @@ stop_started() {
     STARTED_PIDS=()
 }
 
-# Wait until URL answers with any HTTP status, up to $2 seconds.
+# Wait until URL returns any HTTP status, up to $2 seconds.
 wait_http() {
     local url=$1 limit=${2:-20} i
     for ((i = 0; i < limit * 10; i++)); do
@@ -77,7 +77,7 @@ cpu_ticks() {
     echo "$total"
 }
 
-# Reset the peak RSS (VmHWM) of each pid; Linux >= 4.0 accepts "5" here.
+# Reset the peak RSS (VmHWM) of each pid. Linux >= 4.0 accepts "5" here.
 reset_peak_rss() {
     local pid
     for pid in "$@"; do echo 5 > "/proc/$pid/clear_refs" 2>/dev/null || true; done

@@ -4,7 +4,7 @@
 # shellcheck shell=bash
 
 MANIFEST_TYPE=application/vnd.docker.distribution.manifest.v2+json
-# The registry answers 404 to a manifest request whose Accept does not list
+# The registry returns 404 for a manifest request whose Accept does not list
 # the manifest's media type, so every manifest request sends this.
 MANIFEST_ACCEPT="Accept: $MANIFEST_TYPE, application/vnd.oci.image.manifest.v1+json"
 REPO=bench

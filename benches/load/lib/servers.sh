@@ -69,7 +69,7 @@ start_static() {
         -e "s|@MANIFEST_DIGEST@|sha256:$(sha256_of "$WORK/blobs/manifest.json")|g" \
         "$BENCH_DIR/nginx-static.conf.in" >"$prefix/nginx.conf"
     nginx -t -q -p "$prefix" -e "$prefix/error.log" -c "$prefix/nginx.conf" ||
-        die "nginx rejected $prefix/nginx.conf"
+        die "nginx rejected $prefix/nginx.conf; see the nginx -t output above"
     nginx -p "$prefix" -e "$prefix/error.log" -c "$prefix/nginx.conf" &
     track_pid "$!"
     UP_PID[static]=$!
@@ -101,7 +101,7 @@ start_nginx() {
     done
 
     nginx -t -q -p "$prefix" -e "$prefix/error.log" -c "$prefix/nginx.conf" ||
-        die "nginx rejected $prefix/nginx.conf"
+        die "nginx rejected $prefix/nginx.conf; see the nginx -t output above"
     nginx -p "$prefix" -e "$prefix/error.log" -c "$prefix/nginx.conf" &
     pid=$!
     track_pid "$pid"

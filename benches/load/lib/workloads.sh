@@ -16,10 +16,11 @@ front_base() {
 }
 
 # Usage: measure FRONT WORKLOAD ROUND KIND UNITS FUNCTION [ARGS...]
-# Runs FUNCTION with RAW set to this run's raw-output prefix and appends one
-# line to runs.tsv: front CPU ticks, upstream registry CPU ticks, peak RSS of
-# the front (VmHWM reset just before the run) and wall time. UNITS is the
-# request count for request-rate kinds or the bytes moved for transfer kinds.
+# Runs FUNCTION with RAW set to this run's raw-output prefix. It appends one
+# line to runs.tsv with the wall time, the CPU ticks of the front and of its
+# upstream, the front's peak RSS (VmHWM reset just before the run) and the
+# CPU ticks of other processes. UNITS is the request count for request-rate
+# kinds or the bytes moved for transfer kinds.
 measure() {
     local front=$1 workload=$2 round=$3 kind=$4 units=$5
     shift 5
@@ -64,8 +65,8 @@ measure() {
     [[ $rc -eq 0 ]] || log "  $workload on $front round $round: client exited $rc (see $RAW.*)"
 }
 
-# Check that FRONT and its upstream still run; a server that died mid-run
-# would otherwise show up as a fast front answering 502.
+# Check that FRONT and its upstream still run. A server that died mid-run
+# would otherwise show up as a fast front that returns 502.
 servers_alive() {
     local pid
     for pid in "${FRONT_PID[$1/$UPSTREAM_NOW]}" "${UP_PID[$UPSTREAM_NOW]}"; do

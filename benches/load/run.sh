@@ -15,7 +15,7 @@
 #   ROUNDS            rounds of each small-request workload (default 3, quick 1)
 #   LARGE_ROUNDS      rounds of each large-transfer workload (default 3, quick 1)
 #   REQUESTS          requests per small-request run through the registry
-#                     (default 6000, quick 1000)
+#                     (default 4000, quick 1000)
 #   STATIC_REQUESTS   requests per run through the static upstream, a file
 #                     server standing in for the registry so that the front
 #                     limits the rate (default 40000, quick 4000)
@@ -55,9 +55,9 @@ if [[ $QUICK == 1 ]]; then
 else
     ROUNDS=${ROUNDS:-3}
     LARGE_ROUNDS=${LARGE_ROUNDS:-3}
-    REQUESTS=${REQUESTS:-6000}
+    REQUESTS=${REQUESTS:-4000}
     STATIC_REQUESTS=${STATIC_REQUESTS:-40000}
-    BUDGET_SECONDS=${BUDGET_SECONDS:-1080}
+    BUDGET_SECONDS=${BUDGET_SECONDS:-1500}
     LAYER_SIZES[layer512m]=536870912
 fi
 FRONTS=${FRONTS:-direct nginx nginx-tuned gateway}

@@ -9,6 +9,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use crate::portal::HtmlRewriteBody;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// No frame arrived from the peer for the idle period.
@@ -82,6 +84,8 @@ where
 /// gateway made itself.
 pub enum ProxyBody {
     Streaming(IdleTimeout<hyper::body::Incoming>),
+    /// A portal HTML page, rewritten as it streams.
+    Html(HtmlRewriteBody<IdleTimeout<hyper::body::Incoming>>),
     Full(Option<Bytes>),
 }
 
@@ -105,6 +109,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Streaming(body) => Pin::new(body).poll_frame(cx),
+            ProxyBody::Html(body) => Pin::new(body).poll_frame(cx),
             ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
@@ -112,6 +117,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Streaming(body) => body.is_end_stream(),
+            ProxyBody::Html(body) => body.is_end_stream(),
             ProxyBody::Full(data) => data.is_none(),
         }
     }
@@ -119,6 +125,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Streaming(body) => body.size_hint(),
+            ProxyBody::Html(body) => body.size_hint(),
             ProxyBody::Full(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }

@@ -23,6 +23,9 @@ pub const DEFAULT_TLS_HANDSHAKE_SECONDS: u64 = 10;
 pub const DEFAULT_HEADER_READ_SECONDS: u64 = 30;
 /// Seconds that in-flight requests get to finish after SIGTERM before the process exits.
 pub const DEFAULT_DRAIN_SECONDS: u64 = 60;
+/// Whether the Harbor routes (`/v2/`, `/registry/`, the portal carve-outs) are served. When
+/// false they answer 503 saying the registry is disabled, and Rancher routes work as before.
+pub const DEFAULT_HARBOR_ENABLED: bool = true;
 
 /// The well-known upstream names that the default route table uses.
 pub const HARBOR_CORE: &str = "harbor_core";
@@ -64,6 +67,8 @@ struct RawConfig {
     routes: Vec<RouteSpec>,
     #[serde(default)]
     proxy: RawProxy,
+    #[serde(default)]
+    harbor: RawHarbor,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,6 +107,12 @@ struct RawTimeouts {
 struct RawProxy {
     #[serde(default)]
     trusted_proxies: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHarbor {
+    enabled: Option<bool>,
 }
 
 /// One route entry from `[[routes]]`. It replaces the default route with the same match,
@@ -153,6 +164,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub routes: Vec<RouteSpec>,
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// `harbor.enabled`: false turns every default Harbor route into a 503.
+    pub harbor_enabled: bool,
 }
 
 impl Config {
@@ -242,6 +255,7 @@ impl Config {
             timeouts,
             routes: raw.routes,
             trusted_proxies,
+            harbor_enabled: raw.harbor.enabled.unwrap_or(DEFAULT_HARBOR_ENABLED),
         })
     }
 
@@ -350,6 +364,15 @@ harbor_core = "http://127.0.0.1:5000"
         assert_eq!(config.timeouts.default_idle, Duration::from_secs(1800));
         assert!(config.admin_addr.is_none());
         assert_eq!(config.upstream(HARBOR_CORE).unwrap().uri, "http://127.0.0.1:5000");
+        assert!(config.harbor_enabled);
+    }
+
+    #[test]
+    fn harbor_can_be_disabled() {
+        let config = parse(&format!("{MINIMAL}[harbor]\nenabled = false\n")).unwrap();
+        assert!(!config.harbor_enabled);
+        let error = parse(&format!("{MINIMAL}[harbor]\nenable = false\n")).unwrap_err();
+        assert!(error.to_string().contains("unknown field `enable`"), "{error}");
     }
 
     #[test]

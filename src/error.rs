@@ -24,6 +24,12 @@ pub enum ProxyError {
         status: StatusCode,
         message: Cow<'static, str>,
     },
+    /// `harbor.enabled` is false, so Harbor's routes are switched off.
+    #[error("the Harbor registry is disabled on this gateway")]
+    RegistryDisabled,
+    /// The gateway does not implement this kind of request, for example a CONNECT tunnel.
+    #[error("not implemented: {0}")]
+    NotImplemented(Cow<'static, str>),
     #[error("cannot connect to upstream {upstream}: {source}")]
     UpstreamConnect {
         upstream: String,
@@ -46,6 +52,8 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::RouteStatus { status, .. } => *status,
+            ProxyError::RegistryDisabled => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::UpstreamConnect { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamRequest { .. } => StatusCode::BAD_GATEWAY,
@@ -58,6 +66,8 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(message) => message.clone(),
             ProxyError::RouteStatus { message, .. } => message.clone(),
+            ProxyError::RegistryDisabled => REGISTRY_DISABLED_MESSAGE.into(),
+            ProxyError::NotImplemented(message) => message.clone(),
             ProxyError::UpstreamConnect { upstream, .. } => {
                 format!("upstream {upstream} is unreachable").into()
             }
@@ -70,10 +80,29 @@ impl ProxyError {
         }
     }
 
-    /// Builds the response: registry-style JSON on `/v2/` paths, plain text elsewhere.
+    /// Builds the response: registry-style JSON on `/v2/` paths, plain text elsewhere, and
+    /// a small HTML page when the disabled registry is opened in a browser.
     pub fn into_response(self, registry_path: bool) -> Response<ProxyBody> {
+        if matches!(self, ProxyError::RegistryDisabled) && !registry_path {
+            return registry_disabled_page();
+        }
         error_response(self.status(), &self.client_message(), registry_path)
     }
+}
+
+const REGISTRY_DISABLED_MESSAGE: &str = "the Harbor registry is disabled on this gateway";
+
+fn registry_disabled_page() -> Response<ProxyBody> {
+    let page = "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+                <title>Registry disabled</title></head>\n<body><h1>Registry disabled</h1>\n\
+                <p>The Harbor registry is disabled on this gateway. \
+                An administrator can enable it in the gateway configuration.</p></body></html>\n";
+    Response::builder()
+        .status(StatusCode::SERVICE_UNAVAILABLE)
+        .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(ProxyBody::full(page))
+        .expect("static header values are valid")
 }
 
 /// A response the gateway makes itself. On registry paths it carries the Docker API version
@@ -140,6 +169,8 @@ mod tests {
                 },
                 404,
             ),
+            (ProxyError::RegistryDisabled, 503),
+            (ProxyError::NotImplemented("CONNECT".into()), 501),
             (
                 ProxyError::UpstreamConnect { upstream: "harbor_core".into(), source: io_error() },
                 502,
@@ -173,6 +204,24 @@ mod tests {
             std::str::from_utf8(&body).unwrap(),
             "{\"errors\":[{\"code\":\"UNAVAILABLE\",\"message\":\"upstream harbor_core is unreachable\",\"detail\":null}]}\n"
         );
+    }
+
+    #[tokio::test]
+    async fn disabled_registry_json_and_html() {
+        let json = ProxyError::RegistryDisabled.into_response(true);
+        assert_eq!(json.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(json.headers()[DOCKER_API_VERSION], "registry/2.0");
+        let body = json.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            std::str::from_utf8(&body).unwrap(),
+            "{\"errors\":[{\"code\":\"UNAVAILABLE\",\"message\":\"the Harbor registry is disabled on this gateway\",\"detail\":null}]}\n"
+        );
+
+        let html = ProxyError::RegistryDisabled.into_response(false);
+        assert_eq!(html.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(html.headers()[header::CONTENT_TYPE], "text/html; charset=utf-8");
+        let body = html.into_body().collect().await.unwrap().to_bytes();
+        assert!(std::str::from_utf8(&body).unwrap().contains("registry is disabled"));
     }
 
     #[test]

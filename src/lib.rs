@@ -8,13 +8,16 @@
 
 pub mod admin;
 pub mod body;
+pub mod clean_path;
 pub mod config;
 pub mod error;
 pub mod headers;
 pub mod listener;
+pub mod portal;
 pub mod proxy;
 pub mod rewrite;
 pub mod routing;
 pub mod server;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;

@@ -41,7 +41,9 @@ pub fn http_builder(settings: &ConnectionSettings) -> auto::Builder<TokioExecuto
         .timer(TokioTimer::new())
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
-        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        // RFC 8441: lets HTTP/2 clients open WebSockets with extended CONNECT.
+        .enable_connect_protocol();
     builder
 }
 

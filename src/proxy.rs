@@ -13,7 +13,9 @@ use crate::config::Config;
 use crate::error::{error_response, ProxyError};
 use crate::headers::{self, Downstream};
 use crate::rewrite::{InternalOrigins, RewriteContext};
-use crate::routing::{path_has_prefix, Action, Route, RouteTable, UpstreamId};
+use crate::routing::{path_has_prefix, Action, Route, RouteTable, UpstreamId, PORTAL_ROUTE};
+use crate::upgrade::{self, UpgradeRequest};
+use crate::portal;
 use crate::upstream::{build_client, UpstreamClient, UpstreamTlsError};
 
 /// Scheme and authority of one upstream, ready to put into request URIs.
@@ -84,18 +86,21 @@ impl Gateway {
     }
 
     async fn route(&self, request: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, ProxyError> {
+        // Before routing, because a CONNECT target has no path.
+        let upgrade = upgrade::classify(&request)?;
         let route = self
             .table
             .find(request.uri().path())
             .ok_or(ProxyError::BadRequest("the request target is not an absolute path".into()))?;
 
         match &route.action {
-            Action::Proxy(upstream) => self.forward(request, peer, route, *upstream).await,
+            Action::Proxy(upstream) => self.forward(request, peer, route, *upstream, upgrade).await,
             Action::Respond(status, message) => Err(ProxyError::RouteStatus {
                 status: *status,
                 message: message.clone(),
             }),
             Action::AddTrailingSlash => Ok(redirect_with_slash(request.uri())),
+            Action::RegistryDisabled => Err(ProxyError::RegistryDisabled),
         }
     }
 
@@ -105,10 +110,16 @@ impl Gateway {
         peer: SocketAddr,
         route: &Route,
         upstream: UpstreamId,
+        upgrade: Option<UpgradeRequest>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        let mut request = request;
         let target = &self.targets[upstream];
         let idle = self.idle_timeout(request.uri().path());
+        // The path is kept only for the tunnel's log lines.
+        let tunnel_path = upgrade.as_ref().map(|_| request.uri().path().to_string());
+        let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
+        let method = parts.method.clone();
 
         // HTTP/2 clients send the host as :authority and usually no Host header; HTTP/1.1
         // clients in absolute form send both, and the request line wins (RFC 9112 3.2.2).
@@ -136,6 +147,12 @@ impl Gateway {
         };
         headers::set_forwarding(&mut parts.headers, downstream, &host);
         parts.headers.insert(header::HOST, host);
+        if let Some(upgrade) = &upgrade {
+            upgrade.prepare_upstream(&mut parts.method, &mut parts.headers);
+        }
+        if route.name == PORTAL_ROUTE {
+            portal::prepare_request(&mut parts.headers);
+        }
 
         parts.uri = upstream_uri(&parts.uri, route, target)?;
         parts.version = http::Version::HTTP_11;
@@ -163,7 +180,11 @@ impl Gateway {
             }
         };
 
+        let mut response = response;
+        let switching = upgrade.is_some() && response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let upstream_upgrade = switching.then(|| hyper::upgrade::on(&mut response));
         let (mut parts, body) = response.into_parts();
+        let upstream_protocol = parts.headers.get(header::UPGRADE).cloned();
         headers::remove_hop_by_hop(&mut parts.headers);
         if parts.headers.contains_key(header::LOCATION) || parts.headers.contains_key(header::WWW_AUTHENTICATE) {
             let context = RewriteContext {
@@ -175,7 +196,21 @@ impl Gateway {
             };
             rewrite_response_headers(&mut parts.headers, &context);
         }
-        Ok(Response::from_parts(parts, ProxyBody::Streaming(IdleTimeout::new(body, idle))))
+
+        if let (Some(upgrade), Some(downstream), Some(upstream_side)) = (upgrade, downstream_upgrade, upstream_upgrade) {
+            parts.status = upgrade.prepare_downstream(upstream_protocol, &mut parts.headers);
+            upgrade::spawn_tunnel(downstream, upstream_side, idle, target.name.clone(), tunnel_path.unwrap_or_default());
+            return Ok(Response::from_parts(parts, ProxyBody::empty()));
+        }
+
+        let body = IdleTimeout::new(body, idle);
+        let body = match &route.strip_prefix {
+            Some(prefix) if route.name == PORTAL_ROUTE && portal::should_rewrite(&method, parts.status, &mut parts.headers) => {
+                ProxyBody::Html(portal::HtmlRewriteBody::new(body, prefix))
+            }
+            _ => ProxyBody::Streaming(body),
+        };
+        Ok(Response::from_parts(parts, body))
     }
 
     fn idle_timeout(&self, path: &str) -> Duration {
@@ -192,12 +227,13 @@ pub fn is_registry_path(path: &str) -> bool {
     path_has_prefix(path, "/v2")
 }
 
-/// The absolute URI the upstream client connects with. The path and query are the client's
-/// bytes, minus the route's strip prefix; nothing is decoded or normalized.
+/// Builds the absolute URI the upstream client connects with. The path and query are the
+/// client's bytes minus the route's strip prefix. Nothing is decoded, and only routes with
+/// `clean_path` set (Notary) get a cleaned path.
 fn upstream_uri(uri: &Uri, route: &Route, target: &UpstreamTarget) -> Result<Uri, ProxyError> {
     let path = uri.path();
     let upstream_path = route.upstream_path(path);
-    let path_and_query = if upstream_path.len() == path.len() {
+    let path_and_query = if upstream_path == path {
         uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"))
     } else {
         let joined = match uri.query() {
@@ -269,4 +305,25 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn notary_upstream_uri_is_clean() {
+        let config = Config::parse(
+            Path::new("t.toml"),
+            "[listen]\nhttps = \"127.0.0.1:1\"\n[tls]\ncert = \"c\"\nkey = \"k\"\n[upstreams]\nnotary = \"http://notary:4443\"\n",
+        )
+        .unwrap();
+        let gateway = Gateway::new(&config).unwrap();
+        let uri: Uri = "/registry/notary//v2/x?a=b".parse().unwrap();
+        let route = gateway.routes().find(uri.path()).unwrap();
+        let target = &gateway.targets[0];
+        let sent = upstream_uri(&uri, route, target).unwrap();
+        assert_eq!(sent.to_string(), "http://notary:4443/v2/x?a=b");
+    }
 }

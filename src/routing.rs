@@ -9,6 +9,8 @@ use std::borrow::Cow;
 
 use http::StatusCode;
 
+use crate::clean_path::clean_path;
+
 use crate::config::{Config, RouteSpec, HARBOR_CORE, HARBOR_PORTAL, NOTARY, RANCHER};
 
 /// Index of an upstream in [`RouteTable::upstreams`].
@@ -28,7 +30,14 @@ pub enum Action {
     Respond(StatusCode, Cow<'static, str>),
     /// Permanent redirect (308) to the same path with a trailing `/`.
     AddTrailingSlash,
+    /// A Harbor route while `harbor.enabled` is false: 503 saying the registry is disabled.
+    RegistryDisabled,
 }
+
+/// Name of the route that serves the Harbor portal, whose HTML responses are rewritten.
+pub const PORTAL_ROUTE: &str = "portal";
+/// Name of the catch-all route to Rancher.
+pub const RANCHER_ROUTE: &str = "rancher";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -38,6 +47,9 @@ pub struct Route {
     pub kind: MatchKind,
     pub action: Action,
     pub strip_prefix: Option<String>,
+    /// Whether the upstream gets the canonical path (see [`clean_path`]), because it
+    /// redirects every other form.
+    pub clean_path: bool,
 }
 
 impl Route {
@@ -49,14 +61,20 @@ impl Route {
         matched.then_some(self.path.len())
     }
 
-    /// Removes the route's strip prefix from `path`, giving the path sent upstream.
-    pub fn upstream_path<'a>(&self, path: &'a str) -> &'a str {
-        match &self.strip_prefix {
+    /// Removes the route's strip prefix from `path`, giving the path sent upstream, cleaned
+    /// when the route sets `clean_path`.
+    pub fn upstream_path<'a>(&self, path: &'a str) -> Cow<'a, str> {
+        let stripped = match &self.strip_prefix {
             Some(strip) if path_has_prefix(path, strip) => match &path[strip.len()..] {
                 "" => "/",
                 rest => rest,
             },
             _ => path,
+        };
+        if self.clean_path {
+            clean_path(stripped)
+        } else {
+            Cow::Borrowed(stripped)
         }
     }
 }
@@ -96,13 +114,15 @@ const DEFAULT_ROUTES: &[(&str, MatchKind, &str, &str, Option<&str>)] = {
         ("harbor-login", Exact, "/c/userExists", HARBOR_CORE, None),
         ("harbor-login", Prefix, "/c/oidc", HARBOR_CORE, None),
         ("harbor-login", Prefix, "/c/authproxy", HARBOR_CORE, None),
-        ("portal", Prefix, "/registry", HARBOR_PORTAL, Some("/registry")),
-        ("rancher", Prefix, "/", RANCHER, None),
+        (PORTAL_ROUTE, Prefix, "/registry", HARBOR_PORTAL, Some("/registry")),
+        (RANCHER_ROUTE, Prefix, "/", RANCHER, None),
     ]
 };
 
 impl RouteTable {
     /// Builds the default table for the configured upstreams, then applies `[[routes]]`.
+    /// With `harbor.enabled = false` every default route except Rancher's answers 503;
+    /// routes from `[[routes]]` still apply as written, because the operator named them.
     pub fn from_config(config: &Config) -> RouteTable {
         let upstreams: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
         let upstream_id = |name: &str| upstreams.iter().position(|n| n == name);
@@ -119,6 +139,7 @@ impl RouteTable {
                 kind,
                 action,
                 strip_prefix: strip.map(str::to_string),
+                clean_path: redirects_unclean_paths(upstream),
             });
         }
         routes.push(Route {
@@ -127,6 +148,7 @@ impl RouteTable {
             kind: MatchKind::Prefix,
             action: Action::Respond(StatusCode::NOT_FOUND, Cow::Borrowed("not found")),
             strip_prefix: None,
+            clean_path: false,
         });
         routes.push(Route {
             name: Cow::Borrowed("portal-redirect"),
@@ -134,7 +156,14 @@ impl RouteTable {
             kind: MatchKind::Exact,
             action: Action::AddTrailingSlash,
             strip_prefix: None,
+            clean_path: false,
         });
+
+        if !config.harbor_enabled {
+            for route in routes.iter_mut().filter(|r| r.name != RANCHER_ROUTE) {
+                route.action = Action::RegistryDisabled;
+            }
+        }
 
         for spec in &config.routes {
             let route = route_from_spec(spec, &upstream_id);
@@ -205,6 +234,12 @@ impl RouteTable {
     }
 }
 
+/// Whether the upstream redirects non-canonical paths. notary-server does, through
+/// gorilla/mux.
+fn redirects_unclean_paths(upstream: &str) -> bool {
+    upstream == NOTARY
+}
+
 fn not_configured_message(upstream: &str) -> Cow<'static, str> {
     match upstream {
         NOTARY => Cow::Borrowed("Notary is not enabled on this gateway"),
@@ -237,6 +272,7 @@ fn route_from_spec(spec: &RouteSpec, upstream_id: &dyn Fn(&str) -> Option<usize>
         kind,
         action,
         strip_prefix: spec.strip_prefix.clone(),
+        clean_path: spec.upstream.as_deref().is_some_and(redirects_unclean_paths),
     }
 }
 
@@ -283,7 +319,11 @@ token = "http://token"
         ("/registry/notary", "notary", "notary", "/"),
         ("/registry/notary/", "notary", "notary", "/"),
         ("/registry/notary/v2/a/b/c/_trust/tuf/root.json", "notary", "notary", "/v2/a/b/c/_trust/tuf/root.json"),
-        ("/registry/notary//v2/", "notary", "notary", "//v2/"),
+        ("/registry/notary//v2/", "notary", "notary", "/v2/"),
+        ("/registry/notary///v2//a/b/_trust/tuf/root.json", "notary", "notary", "/v2/a/b/_trust/tuf/root.json"),
+        ("/registry/notary/v2/a/../b/_trust/", "notary", "notary", "/v2/b/_trust/"),
+        ("/registry/notary/../../v2/", "notary", "notary", "/v2/"),
+        ("/registry//v2/", "portal", "harbor_portal", "//v2/"),
         ("/registry/notaryx", "portal", "harbor_portal", "/notaryx"),
         ("/registry/api/v2.0/projects", "harbor-api", "harbor_core", "/api/v2.0/projects"),
         ("/registry/c/login", "harbor-api", "harbor_core", "/c/login"),
@@ -345,6 +385,23 @@ token = "http://token"
     }
 
     #[test]
+    fn disabled_harbor_keeps_rancher() {
+        let table = table("[harbor]\nenabled = false\n");
+        for path in ["/v2/", "/v2/a/manifests/b", "/service/token", "/registry", "/registry/", "/registry/main.js",
+            "/registry/notary/v2/x", "/api/v2.0/projects", "/c/login", "/c/oidc/callback", "/service/notifications"]
+        {
+            assert_eq!(table.find(path).unwrap().action, Action::RegistryDisabled, "{path}");
+        }
+        for path in ["/", "/v3/settings", "/api/v1/namespaces", "/c/local/explorer", "/registry-x"] {
+            let route = table.find(path).unwrap();
+            assert!(
+                matches!(route.action, Action::Proxy(id) if table.upstream_name(id) == "rancher"),
+                "{path}: {route:?}"
+            );
+        }
+    }
+
+    #[test]
     fn configured_route_replaces_default() {
         let table = table("[[routes]]\nprefix = \"/service/token\"\nupstream = \"token\"\n");
         let route = table.find("/service/token").unwrap();
@@ -353,6 +410,15 @@ token = "http://token"
             table.routes().iter().filter(|r| r.path == "/service/token").count(),
             1
         );
+    }
+
+    #[test]
+    fn configured_notary_route_cleans_path() {
+        let table = table("[[routes]]\nprefix = \"/notary\"\nupstream = \"notary\"\nstrip_prefix = \"/notary\"\n");
+        let route = table.find("/notary//v2/").unwrap();
+        assert_eq!(route.upstream_path("/notary//v2/"), "/v2/");
+        let other = table.find("/registry//v2/").unwrap();
+        assert_eq!(other.upstream_path("/registry//v2/"), "//v2/");
     }
 
     #[test]

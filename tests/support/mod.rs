@@ -54,7 +54,7 @@ pub fn wait_for_port(addr: SocketAddr, child: &mut Child, log: &Path) {
     panic!("nothing listens on {addr} after 30 s; log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
 }
 
-fn require_program(name: &str) {
+pub fn require_program(name: &str) {
     let found = Command::new("sh")
         .args(["-c", &format!("command -v {name}")])
         .stdout(Stdio::null())
@@ -326,3 +326,10 @@ pub fn run(command: &mut Command) -> String {
     assert!(output.status.success(), "{command:?} failed with {}:\n{stdout}\n{stderr}", output.status);
     stdout
 }
+pub mod browser;
+pub mod portal;
+pub mod rancher;
+pub mod local_server;
+pub mod recorder;
+pub mod token_service;
+pub mod notary_server;

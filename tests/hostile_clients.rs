@@ -230,11 +230,12 @@ async fn large_headers_pass_and_oversized_get_431() {
         let body = body_text(response.into_body()).await;
         assert!(body.contains("above the limit of 65536"), "{body}");
 
-        // Far above the limit the parser itself responds with 431 and nothing is read further.
+        // Far above the limit the parser itself responds with 431 and closes without reading
+        // further. The client may still be writing then, so over HTTP/1.1 it can see the
+        // reset before the response; either way nothing reaches an upstream (checked below).
         let huge = "h".repeat(400 << 10);
-        match send("/dashboard", &huge).await {
-            Ok(response) => assert_eq!(response.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "{protocol:?}"),
-            Err(error) => assert!(protocol == Protocol::Http2, "{protocol:?}: {error}"),
+        if let Ok(response) = send("/dashboard", &huge).await {
+            assert_eq!(response.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "{protocol:?}");
         }
     }
     // Only the two requests within the limit reached the registry.

@@ -4,19 +4,15 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
 use support::rancher::{Rancher, CLOSE_ME, GREETING, SERVER_CLOSE_CODE, SERVER_CLOSE_REASON};
 use support::*;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message;
@@ -49,21 +45,7 @@ fn gateway_for(rancher: &Rancher, extra: &str) -> Gateway {
 
 /// Opens a TLS connection to the gateway that trusts the test CA and offers one ALPN protocol.
 async fn tls_connect(port: u16, alpn: &[u8]) -> TlsStream<TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_file()).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap()
+    support::fixtures::tls_connect(port, std::str::from_utf8(alpn).unwrap()).await
 }
 
 async fn websocket(gateway: &Gateway, target: &str) -> (WebSocketStream<TlsStream<TcpStream>>, http::Response<Option<Vec<u8>>>) {

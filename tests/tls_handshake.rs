@@ -23,6 +23,7 @@ async fn handshake(
     for cert in CertificateDer::pem_file_iter(ca_file()).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
+    // Unlike the shared client configuration, this one pins a single TLS version.
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(&[version])
         .unwrap()

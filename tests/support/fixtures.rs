@@ -316,16 +316,7 @@ pub type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
 /// Opens a TLS connection to the gateway that trusts the test CA and offers one ALPN
 /// protocol (`http/1.1` or `h2`).
 pub async fn tls_connect(port: u16, alpn: &str) -> TlsStream {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::pem::PemObject::pem_file_iter(super::ca_file()).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.as_bytes().to_vec()];
+    let config = super::tls_client_config(true, &[alpn.as_bytes()]);
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();

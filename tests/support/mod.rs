@@ -213,17 +213,27 @@ pub enum Protocol {
     Http2,
 }
 
-/// Builds an HTTPS client that trusts the test CA and speaks only `protocol`.
-pub fn https_client(protocol: Protocol) -> HttpsClient {
+/// Builds a rustls client configuration that trusts the test CA (or, with
+/// `trust_test_ca` false, no CA at all) and offers the `alpn` protocols.
+pub fn tls_client_config(trust_test_ca: bool, alpn: &[&[u8]]) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_file()).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
+    if trust_test_ca {
+        for cert in CertificateDer::pem_file_iter(ca_file()).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
     }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config
+}
+
+/// Builds an HTTPS client that trusts the test CA and speaks only `protocol`.
+pub fn https_client(protocol: Protocol) -> HttpsClient {
+    let tls = tls_client_config(true, &[]);
     let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only();
     let mut client = Client::builder(TokioExecutor::new());
     match protocol {

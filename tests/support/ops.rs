@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::{ca_file, repo_path, spawn_gateway, wait_for_port, free_port, Gateway};
+use super::{repo_path, spawn_gateway, tls_client_config, wait_for_port, free_port, Gateway};
 
 /// Starts the gateway with the given certificate and key files and `--log-format` value;
 /// `body` adds `[upstreams]` and anything else.
@@ -133,21 +133,6 @@ where
     }
 }
 
-fn tls_client_config(trust_test_ca: bool, alpn: &[&[u8]]) -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    if trust_test_ca {
-        for cert in CertificateDer::pem_file_iter(ca_file()).unwrap() {
-            roots.add(cert.unwrap()).unwrap();
-        }
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config
-}
 
 /// Opens a fresh TLS connection to the gateway as `localhost`, offering `alpn`.
 pub async fn tls_connect(port: u16, trust_test_ca: bool, alpn: &[&[u8]]) -> std::io::Result<TlsStream<TcpStream>> {

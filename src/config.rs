@@ -221,6 +221,8 @@ pub struct Config {
     pub limits: Limits,
     /// `harbor.enabled`: false turns every default Harbor route into a 503.
     pub harbor_enabled: bool,
+    /// Settings that are valid but probably not meant, such as an upstream no route uses.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
@@ -262,6 +264,17 @@ impl Config {
 
         for (index, route) in raw.routes.iter().enumerate() {
             validate_route(index, route, &raw.upstreams).map_err(invalid)?;
+        }
+        let mut warnings = Vec::new();
+        for name in raw.upstreams.keys() {
+            let well_known = [HARBOR_CORE, HARBOR_PORTAL, NOTARY, RANCHER].contains(&name.as_str());
+            let routed = raw.routes.iter().any(|route| route.upstream.as_deref() == Some(name.as_str()));
+            if !well_known && !routed {
+                warnings.push(format!(
+                    "upstreams.{name}: no route uses this upstream; the default routes use \
+                     {HARBOR_CORE}, {HARBOR_PORTAL}, {NOTARY} and {RANCHER}, and [[routes]] can name others"
+                ));
+            }
         }
 
         let trusted_proxies = raw
@@ -319,6 +332,7 @@ impl Config {
             trusted_proxies,
             limits,
             harbor_enabled: raw.harbor.enabled.unwrap_or(DEFAULT_HARBOR_ENABLED),
+            warnings,
         })
     }
 
@@ -365,8 +379,24 @@ fn parse_upstream_uri(name: &str, value: &str) -> Result<Uri, String> {
             ));
         }
     }
-    if uri.authority().is_none() {
+    let Some(authority) = uri.authority() else {
         return Err(format!("upstreams.{name}: {value:?} has no host"));
+    };
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "upstreams.{name}: {value:?} contains credentials; the gateway does not send them, \
+             so remove the user part"
+        ));
+    }
+    // `Uri` accepts any digits as a port; a port that is empty, zero or above 65535 would
+    // otherwise fall back to the scheme's default port.
+    let port_text = authority.as_str().rsplit_once(':').map(|(_, port)| port).filter(|_| !authority.as_str().ends_with(']'));
+    if let Some(port_text) = port_text {
+        if !matches!(port_text.parse::<u16>(), Ok(port) if port > 0) {
+            return Err(format!(
+                "upstreams.{name}: {value:?} has an invalid port {port_text:?}; give a port from 1 to 65535 or none"
+            ));
+        }
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(format!(
@@ -462,6 +492,13 @@ harbor_core = "http://127.0.0.1:5000"
     }
 
     #[test]
+    fn unused_upstream_gives_warning() {
+        let config = parse(&MINIMAL.replace("harbor_core =", "harbor_kore =")).unwrap();
+        assert_eq!(config.warnings.len(), 1);
+        assert!(config.warnings[0].contains("upstreams.harbor_kore"), "{:?}", config.warnings);
+    }
+
+    #[test]
     fn unknown_key_is_rejected() {
         let error = parse(&format!("{MINIMAL}\n[timeouts]\nidle = 3\n")).unwrap_err();
         assert!(error.to_string().contains("unknown field `idle`"), "{error}");
@@ -474,6 +511,10 @@ harbor_core = "http://127.0.0.1:5000"
             (MINIMAL.replace("127.0.0.1:8443", "localhost"), "listen.https"),
             (MINIMAL.replace("http://127.0.0.1:5000", "ftp://x"), "upstreams.harbor_core"),
             (MINIMAL.replace("http://127.0.0.1:5000", "http://x/v2"), "has a path"),
+            (MINIMAL.replace("http://127.0.0.1:5000", "http://127.0.0.1:99999"), "invalid port"),
+            (MINIMAL.replace("http://127.0.0.1:5000", "http://127.0.0.1:0"), "invalid port"),
+            (MINIMAL.replace("http://127.0.0.1:5000", "http://127.0.0.1:"), "invalid port"),
+            (MINIMAL.replace("http://127.0.0.1:5000", "http://user:pw@core"), "credentials"),
             (format!("{MINIMAL}[timeouts]\nconnect = 0\n"), "timeouts.connect"),
             (format!("{MINIMAL}[[routes]]\nprefix = \"/x\"\nupstream = \"nope\"\n"), "not defined"),
             (format!("{MINIMAL}[[routes]]\nprefix = \"/x/\"\nstatus = 404\n"), "must not end"),

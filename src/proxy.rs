@@ -438,12 +438,17 @@ fn ca_bundle_response(bundle: Option<&Bytes>) -> Response<ProxyBody> {
 }
 
 /// The error and its sources on one line, for logs.
+/// A cause whose text the message already contains is left out, because many errors here
+/// print their source in their own message.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text

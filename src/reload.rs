@@ -46,6 +46,9 @@ pub struct Loaded {
 /// into `metrics`. Nothing is bound or swapped.
 pub fn load(config_path: &Path, metrics: Arc<Metrics>) -> Result<Loaded, StartError> {
     let config = Config::load(config_path)?;
+    for warning in &config.warnings {
+        tracing::warn!(config = %config_path.display(), "{warning}");
+    }
     let key = load_certified_key(&config.cert_path, &config.key_path)?;
     let leaf = leaf_info(&config.cert_path, &key)?;
     let ca_bundle = match &config.ca_bundle_path {

@@ -262,6 +262,7 @@ fn not_configured_message(upstream: &str) -> Cow<'static, str> {
         NOTARY => Cow::Borrowed("Notary is not enabled on this gateway"),
         HARBOR_CORE => Cow::Borrowed("the Harbor registry is not configured on this gateway"),
         HARBOR_PORTAL => Cow::Borrowed("the Harbor portal is not configured on this gateway"),
+        RANCHER => Cow::Borrowed("no upstream is configured for this path; set upstreams.rancher to serve it"),
         _ => Cow::Borrowed("no upstream is configured for this path"),
     }
 }

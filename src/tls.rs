@@ -31,6 +31,8 @@ pub enum TlsError {
         #[source]
         source: rustls_pki_types::pem::Error,
     },
+    #[error("private key file {path} contains no PRIVATE KEY block; tls.key must name the PEM key of the leaf certificate")]
+    NoKey { path: PathBuf },
     #[error("private key file {path} is not usable: {source}; use an RSA, ECDSA or Ed25519 key in PKCS#8, PKCS#1 or SEC1 PEM form")]
     UnsupportedKey {
         path: PathBuf,
@@ -66,9 +68,9 @@ pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<Certified
     }
 
     // `from_pem_file` takes the first PKCS#8, PKCS#1 or SEC1 key block in the file.
-    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|source| TlsError::ReadKey {
-        path: key_path.to_path_buf(),
-        source,
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|source| match source {
+        rustls_pki_types::pem::Error::NoItemsFound => TlsError::NoKey { path: key_path.to_path_buf() },
+        source => TlsError::ReadKey { path: key_path.to_path_buf(), source },
     })?;
 
     let provider = crypto_provider();
@@ -234,7 +236,7 @@ mod tests {
     #[test]
     fn certificate_file_as_key_is_rejected() {
         let error = load_certified_key(&certs("tls.crt"), &certs("tls.crt")).unwrap_err();
-        assert!(matches!(error, TlsError::ReadKey { .. }), "{error}");
+        assert!(matches!(error, TlsError::NoKey { .. }), "{error}");
         assert!(error.to_string().contains("tls.crt"), "{error}");
     }
 }

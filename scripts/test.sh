@@ -7,5 +7,11 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 # Release mode: the streaming tests move gigabytes through TLS, which takes minutes in a
 # debug build.
-cargo test --release --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --release --locked 2>&1 | tee "$log"
 scripts/run-local.sh --smoke
+
+# One closing line for the whole run, summed over cargo's per-binary results.
+awk '/^test result:/ { passed += $4; failed += $6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' "$log" \
+  > "${TEST_SUMMARY:-/dev/stdout}"

@@ -1,6 +1,6 @@
 //! Gateway configuration: a TOML file loaded once, validated, then frozen.
 //!
-//! Every error names the file, the key and the value at fault, and says how to fix it.
+//! Every error names the file, the key and the value at fault, and gives the fix.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -43,7 +43,7 @@ pub const DEFAULT_MAX_URI_BYTES: usize = 8 << 10;
 /// Concurrent HTTP/2 streams per client connection.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 250;
 /// Whether the Harbor routes (`/v2/`, `/registry/`, the portal carve-outs) are served. When
-/// false they answer 503 saying the registry is disabled, and Rancher routes work as before.
+/// false they respond with 503 saying the registry is disabled, and Rancher routes work as before.
 pub const DEFAULT_HARBOR_ENABLED: bool = true;
 
 /// The well-known upstream names that the default route table uses.
@@ -165,12 +165,12 @@ pub struct RouteSpec {
     /// Matches this path only.
     pub exact: Option<String>,
     /// Name of the upstream in `[upstreams]`; absent together with `status` set means the
-    /// gateway answers itself.
+    /// gateway responds itself.
     pub upstream: Option<String>,
     /// Leading part of the path removed before forwarding, for example `/registry`.
     #[serde(default)]
     pub strip_prefix: Option<String>,
-    /// Status the gateway answers with instead of proxying: 404 blocks a path.
+    /// Status the gateway responds with instead of proxying: 404 blocks a path.
     pub status: Option<u16>,
 }
 

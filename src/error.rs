@@ -11,7 +11,7 @@ use crate::body::{BoxError, ProxyBody};
 /// Header that Docker clients look for on every `/v2/` response.
 pub const DOCKER_API_VERSION: &str = "docker-distribution-api-version";
 
-/// Why the gateway could not pass a request through. Each variant says whether the client,
+/// Why the gateway could not pass a request through. Each variant records whether the client,
 /// the upstream or the configuration is at fault, which decides the status.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -62,7 +62,8 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// The status sent downstream. Exhaustive on purpose: a new variant must choose one.
+    /// Maps the error to the status sent downstream. Exhaustive on purpose: a new variant
+    /// must choose one.
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -79,7 +80,7 @@ impl ProxyError {
         }
     }
 
-    /// The message shown to the client. Upstream details stay in the log, because internal
+    /// Builds the message shown to the client. Upstream details stay in the log, because internal
     /// host names mean nothing to a client.
     fn client_message(&self) -> Cow<'static, str> {
         match self {
@@ -129,7 +130,7 @@ fn registry_disabled_page() -> Response<ProxyBody> {
         .expect("static header values are valid")
 }
 
-/// A response the gateway makes itself. On registry paths it carries the Docker API version
+/// Builds a response that the gateway makes itself. On registry paths it carries the Docker API version
 /// header and a body in the registry's error format, so clients print the message.
 pub fn error_response(status: StatusCode, message: &str, registry_path: bool) -> Response<ProxyBody> {
     let mut builder = Response::builder().status(status);
@@ -146,7 +147,7 @@ pub fn error_response(status: StatusCode, message: &str, registry_path: bool) ->
     builder.body(body).expect("static header values are valid")
 }
 
-/// The distribution error code closest to a gateway-made status.
+/// Picks the distribution error code closest to a gateway-made status.
 fn registry_error_code(status: StatusCode) -> &'static str {
     match status.as_u16() {
         401 => "UNAUTHORIZED",

@@ -57,7 +57,7 @@ impl Drop for RequestGuard {
     }
 }
 
-/// A response body that holds its request's [`RequestGuard`] until it ends or drops.
+/// A response body that keeps its request's [`RequestGuard`] until it ends or drops.
 pub struct Tracked<B> {
     inner: B,
     guard: Option<RequestGuard>,

@@ -44,7 +44,7 @@ const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 const MIN_READ_BUFFER: usize = 64 << 10;
 
 /// Bytes of request line and header section that the HTTP parsers accept at all. Requests
-/// up to this size are parsed, so the gateway can answer 414 or 431 with a readable body
+/// up to this size are parsed, so the gateway can respond with 414 or 431 and a readable body
 /// (see `proxy::check_request_size`); larger ones get hyper's or h2's bare 431.
 pub fn parser_header_limit(limits: &Limits) -> usize {
     2 * (limits.max_header_bytes + limits.max_uri_bytes)
@@ -78,7 +78,7 @@ pub fn http_builder(settings: &ConnectionSettings) -> auto::Builder<TokioExecuto
 }
 
 /// Accepts connections until `shutdown` turns true. Each connection is registered with
-/// `graceful`, which waits for it to close when the gateway drains; `shutdown` asks it to
+/// `graceful`, which waits for it to close when the gateway drains; `shutdown` signals it to
 /// finish its requests and close.
 ///
 /// At most `limits.max_connections` connections are served at once. The loop stops

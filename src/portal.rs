@@ -89,7 +89,7 @@ fn prefixed_base(href: &str, prefix: &str) -> Option<String> {
 }
 
 /// Output of the rewriter for the frame being processed. The rewriter pushes into it from
-/// inside `write`, and `poll_frame` takes it out right after, so it holds about one frame.
+/// inside `write`, and `poll_frame` takes it out right after, so it contains about one frame.
 type SharedOutput = Arc<Mutex<Vec<u8>>>;
 
 struct SinkToBuffer(SharedOutput);
@@ -166,7 +166,7 @@ impl<B> HtmlRewriteBody<B> {
         }
     }
 
-    /// Flushes what the rewriter still holds at the end of the input.
+    /// Flushes what the rewriter still buffers at the end of the input.
     fn finish(&mut self) -> Result<(), BoxError> {
         match std::mem::replace(&mut self.state, State::Done) {
             State::Rewriting(rewriter) => rewriter.end().map_err(Into::into),

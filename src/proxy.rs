@@ -210,7 +210,7 @@ impl Gateway {
         let public_host = host.clone();
 
         headers::remove_hop_by_hop(&mut parts.headers);
-        // The gateway already answered `Expect: 100-continue` to its client when it began
+        // The gateway already sent `100 Continue` for `Expect: 100-continue` to its client when it began
         // reading the body; the upstream gets the body right away.
         parts.headers.remove(header::EXPECT);
         let downstream = Downstream {
@@ -308,7 +308,7 @@ impl Gateway {
     /// Sends the request and waits for the response headers. The wait is an idle timeout
     /// that restarts with every request-body frame, so an upload that keeps moving is never
     /// cut. `None` means that the wait expired or the request body failed, and `progress`
-    /// tells which. Dropping the request future aborts the upstream request.
+    /// records which. Dropping the request future aborts the upstream request.
     async fn send_upstream(
         &self,
         request: Request<ClientBody>,
@@ -437,7 +437,7 @@ fn ca_bundle_response(bundle: Option<&Bytes>) -> Response<ProxyBody> {
     }
 }
 
-/// The error and its sources on one line, for logs.
+/// Joins the error and its sources into one line for logs.
 /// A cause whose text the message already contains is left out, because many errors here
 /// print their source in their own message.
 pub fn error_chain(error: &dyn std::error::Error) -> String {

@@ -75,7 +75,7 @@ impl RewriteContext<'_> {
         })
     }
 
-    /// A relative path from an upstream mounted under a prefix gets that prefix back.
+    /// Puts the mount prefix back on a relative path from an upstream mounted under one.
     fn rewrite_relative(&self, url: &str) -> Option<String> {
         self.route.strip_prefix.as_ref()?;
         let (path, query) = match url.split_once('?') {

@@ -251,7 +251,7 @@ impl RouteTable {
     }
 }
 
-/// Whether the upstream redirects non-canonical paths. notary-server does, through
+/// Tests whether the upstream redirects non-canonical paths. notary-server does, through
 /// gorilla/mux.
 fn redirects_unclean_paths(upstream: &str) -> bool {
     upstream == NOTARY

@@ -28,7 +28,7 @@
 //! After this check no path segment can move the request to a parent of the route prefix
 //! that matched, whatever decoding the upstream applies once.
 
-/// Why a path was rejected; the text goes to the client.
+/// Reason a path was rejected. The text goes to the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathViolation {
     DotSegment,
@@ -93,7 +93,7 @@ fn separator_at(bytes: &[u8], index: usize) -> usize {
     }
 }
 
-/// The byte that a `%XX` escape at `index` decodes to, if there is a valid one.
+/// Decodes the `%XX` escape at `index` to its byte, if it is a valid escape.
 fn percent_byte_at(bytes: &[u8], index: usize) -> Option<u8> {
     if bytes.get(index) != Some(&b'%') {
         return None;
@@ -112,7 +112,7 @@ fn hex_value(byte: u8) -> Option<u8> {
     }
 }
 
-/// Whether a segment decodes to `.` or `..`.
+/// Tests whether a segment decodes to `.` or `..`.
 fn is_dot_segment(segment: &[u8]) -> bool {
     let mut dots = 0;
     let mut index = 0;

@@ -1,4 +1,4 @@
-//! Gateway replicas share nothing: the registry holds upload state, so the requests of one
+//! Gateway replicas share nothing: the registry keeps the upload state, so the requests of one
 //! chunked upload may land on different gateway processes, as behind a Kubernetes Service.
 
 mod support;

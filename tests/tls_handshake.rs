@@ -75,7 +75,7 @@ fn tls_1_1_is_rejected() {
         .expect("run openssl s_client");
     let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(!output.status.success(), "TLS 1.1 handshake succeeded:\n{text}");
-    // rustls answers a TLS 1.1 ClientHello with a handshake_failure alert (number 40).
+    // rustls rejects a TLS 1.1 ClientHello with a handshake_failure alert (number 40).
     assert!(text.contains("alert handshake failure"), "{text}");
     assert!(!text.contains("BEGIN CERTIFICATE"), "the server sent its certificate:\n{text}");
 }

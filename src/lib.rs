@@ -14,6 +14,7 @@ pub mod ca_bundle;
 pub mod clean_path;
 pub mod config;
 pub mod error;
+pub mod framing;
 pub mod headers;
 pub mod idle;
 pub mod listener;

@@ -17,6 +17,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Limits;
+use crate::framing::FramingGuard;
 use crate::idle::{InFlight, Tracked};
 use crate::reload::SharedGateway;
 use crate::telemetry::{next_connection_id, ConnectionInfo};
@@ -198,7 +199,8 @@ impl Connection {
             }
             .instrument(span)
         });
-        let connection = self.builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+        let stream = FramingGuard::new(tls, protocol == "h1", parser_header_limit(&self.settings.limits), self.settings.header_read);
+        let connection = self.builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let mut connection = std::pin::pin!(connection.into_owned());
         let mut drain = self.drain;
         let idle = in_flight.idle_for(self.settings.keep_alive);

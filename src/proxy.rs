@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use crate::body::{IdleTimeout, ProxyBody};
 use crate::config::{Config, Limits};
 use crate::error::{error_response, ProxyError};
+use crate::framing;
 use crate::headers::{self, Downstream};
 use crate::metrics::{Metrics, RouteMetrics, UpstreamMetrics, NO_ROUTE};
 use crate::request_body::{BodyFailure, BodyProgress, ClientBody};
@@ -153,6 +154,9 @@ impl Gateway {
         exchange: &mut Exchange,
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        if let Some(reason) = framing::rejected(&request) {
+            return Err(ProxyError::BadRequest(reason.into()));
+        }
         // Before the route check, because a CONNECT target has no path.
         let upgrade = upgrade::classify(&request)?;
         // Before the route is used: a path that an upstream would normalize elsewhere must

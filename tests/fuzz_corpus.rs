@@ -17,7 +17,8 @@ const MIN_MUTATIONS: usize = 50;
 const TOKENS: &[&[u8]] = &[
     b"/", b"//", b".", b"..", b"%2e", b"%2E", b"%2f", b"%2F", b"%5c", b"\\", b"%00", b"%", b"?", b"#",
     b"/v2", b"/registry", b"/api/v2.0", b"/c/login", b"\"", b",", b"=", b"realm=", b"http://harbor-core",
-    b"https://", b"\n", b"[", b"]", b"[[routes]]", b"prefix = ", b"strip_prefix = ", b"upstream = ", b"\xff",
+    b"https://", b"\n", b"\r\n", b"\r\n\r\n", b"content-length: 5\r\n", b"transfer-encoding: chunked\r\n", b"upgrade: websocket\r\n",
+    b"connection: upgrade\r\n", b"0\r\n\r\n", b"[", b"]", b"[[routes]]", b"prefix = ", b"strip_prefix = ", b"upstream = ", b"\xff",
 ];
 
 fn corpus(target: &str) -> Vec<Vec<u8>> {
@@ -94,4 +95,9 @@ fn rewriters_corpus() {
 #[test]
 fn config_parse_corpus() {
     run("config_parse", checks::config_parse);
+}
+
+#[test]
+fn framing_corpus() {
+    run("framing", checks::framing);
 }

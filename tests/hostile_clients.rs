@@ -292,38 +292,71 @@ async fn ambiguous_framing_is_rejected() {
     assert_eq!(setup.upstream_requests(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn content_length_with_chunked_never_smuggles() {
-    // hyper decodes by Transfer-Encoding alone and closes the connection after the
-    // response, as RFC 9112 §6.1 requires; the gateway re-frames the body for the upstream.
-    // The bytes after the chunked body, which a Content-Length reader would take as a
-    // second request, never reach the upstream.
-    let setup = Setup::start("");
-    let request = "POST /v2/ HTTP/1.1\r\nhost: localhost\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /v2/smuggled HTTP/1.1\r\nhost: localhost\r\n\r\n";
-    let (response, closed) = raw_http1(setup.gateway.port, request.as_bytes(), Duration::from_secs(3)).await;
-    assert_eq!(status_of(&response), 200, "{response}");
-    assert_eq!(response.matches("HTTP/1.1").count(), 1, "a second response came back: {response}");
-    assert!(closed, "the connection stayed open after a request with both framings");
+/// Requests that hyper alone would accept and re-frame. The gateway's framing guard rejects
+/// them, because a parser in front of the gateway might split them differently.
+const STRICT_FRAMING: &[(&str, &str, &str)] = &[
+    ("Content-Length then Transfer-Encoding", "POST /v2/ HTTP/1.1\r\nhost: localhost\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /v2/smuggled HTTP/1.1\r\nhost: localhost\r\n\r\n", "both Content-Length and Transfer-Encoding"),
+    ("Transfer-Encoding then Content-Length", "POST /v2/ HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\ncontent-length: 4\r\n\r\n0\r\n\r\n", "both Content-Length and Transfer-Encoding"),
+    ("identical Content-Length twice", "POST /v2/ HTTP/1.1\r\nhost: localhost\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\nhello", "more than one Content-Length"),
+    ("bare LF in the request line", "GET /v2/ HTTP/1.1\nhost: localhost\r\n\r\n", "LF alone"),
+    ("bare LF between fields", "GET /v2/ HTTP/1.1\r\nhost: localhost\nx-a: 1\r\n\r\n", "LF alone"),
+    ("bare LF ends the head", "GET /v2/ HTTP/1.1\r\nhost: localhost\r\n\n", "LF alone"),
+    ("upgrade with a body", "POST /v2/ HTTP/1.1\r\nhost: localhost\r\nconnection: upgrade\r\nupgrade: websocket\r\ncontent-length: 5\r\n\r\nhello", "upgrade cannot have a body"),
+];
 
-    let recorded = setup.core.requests();
-    assert_eq!(recorded.len(), 1, "{recorded:?}");
-    assert_eq!(recorded[0].body, b"hello");
-    assert!(recorded[0].header_values("content-length").is_empty(), "{}", recorded[0].head);
-    assert!(!recorded.iter().any(|r| r.request_line().contains("smuggled")));
+#[tokio::test(flavor = "multi_thread")]
+async fn strict_framing_rejected_with_registry_error() {
+    let setup = Setup::start("");
+    for (name, request, message) in STRICT_FRAMING {
+        let (response, closed) = raw_http1(setup.gateway.port, request.as_bytes(), Duration::from_secs(3)).await;
+        assert_eq!(status_of(&response), 400, "{name}: {response:?}");
+        assert!(response.contains("{\"errors\":[{\"code\":"), "{name}: not a registry error: {response}");
+        assert!(response.contains(message), "{name}: {response}");
+        assert_eq!(response.matches("HTTP/1.1 ").count(), 1, "{name}: a second response came back: {response}");
+        assert!(closed, "{name}: the connection stayed open");
+        assert_eq!(setup.upstream_requests(), 0, "{name}: reached an upstream: {:?}", setup.core.requests());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn bare_lf_is_reframed() {
-    // httparse accepts a bare LF as a line end, which RFC 9112 §2.2 allows. The upstream
-    // gets one request written with CRLF, so no other parser can split it differently.
+async fn pipelined_requests_before_rejection_served() {
     let setup = Setup::start("");
-    let request = "GET /v2/ HTTP/1.1\nhost: localhost\nx-a: 1\n\n";
-    let (response, _) = raw_http1(setup.gateway.port, request.as_bytes(), Duration::from_millis(500)).await;
-    assert_eq!(status_of(&response), 200, "{response}");
-    let recorded = setup.core.requests();
-    assert_eq!(recorded.len(), 1);
-    assert!(!recorded[0].head.replace("\r\n", "").contains('\n'), "{:?}", recorded[0].head);
-    assert_eq!(recorded[0].header_values("x-a"), vec!["1"]);
+    let request = "GET /v2/first HTTP/1.1\r\nhost: localhost\r\n\r\n\
+        PUT /v2/second HTTP/1.1\r\nhost: localhost\r\ncontent-length: 5\r\n\r\nhello\
+        POST /v2/third HTTP/1.1\r\nhost: localhost\r\ncontent-length: 1\r\ncontent-length: 1\r\n\r\nx\
+        GET /v2/fourth HTTP/1.1\r\nhost: localhost\r\n\r\n";
+    let (response, closed) = raw_http1(setup.gateway.port, request.as_bytes(), Duration::from_secs(3)).await;
+    let statuses: Vec<&str> = response.match_indices("HTTP/1.1 ").map(|(at, _)| &response[at + 9..at + 12]).collect();
+    assert_eq!(statuses, ["200", "200", "400"], "{response}");
+    assert!(closed);
+    let lines: Vec<String> = setup.core.requests().iter().map(|r| r.request_line().to_string()).collect();
+    assert_eq!(lines, ["GET /v2/first HTTP/1.1", "PUT /v2/second HTTP/1.1"]);
+    assert_eq!(setup.core.requests()[1].body, b"hello");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_upgrade_keeps_framing_checks() {
+    // The guard stops checking only after a 101. Here the upgrade is refused, so the
+    // bytes after it are read as the next request, and that one is rejected.
+    let setup = Setup::start("");
+    let request = "GET /v2/ HTTP/1.1\r\nhost: localhost\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n\
+        POST /v2/ HTTP/1.1\r\nhost: localhost\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n";
+    let (response, closed) = raw_http1(setup.gateway.port, request.as_bytes(), Duration::from_secs(3)).await;
+    let statuses: Vec<&str> = response.match_indices("HTTP/1.1 ").map(|(at, _)| &response[at + 9..at + 12]).collect();
+    assert_eq!(statuses.last(), Some(&"400"), "{response}");
+    assert!(response.contains("both Content-Length and Transfer-Encoding"), "{response}");
+    assert!(closed);
+    assert!(setup.core.requests().iter().all(|r| r.request_line().starts_with("GET ")), "{:?}", setup.core.requests());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bare_lf_in_chunk_line_fails_upload() {
+    let setup = Setup::start("");
+    let request = "PATCH /v2/x/blobs/uploads/1 HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n";
+    let (response, closed) = raw_http1(setup.gateway.port, request.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(status_of(&response), 400, "{response}");
+    assert!(closed);
+    assert_eq!(setup.upstream_requests(), 0, "{:?}", setup.core.requests());
 }
 
 /// `(path, upstream that must get it byte for byte)`, or `None` for 400.

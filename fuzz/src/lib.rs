@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use harbor_gateway::config::Config;
+use harbor_gateway::framing::{released_bytes, REJECTED_HEADER};
 use harbor_gateway::rewrite::{InternalOrigins, RewriteContext};
 use harbor_gateway::routing::{path_has_prefix, Action, MatchKind, RouteTable};
 use harbor_gateway::sanitize::check_path;
@@ -123,4 +124,28 @@ fn percent_decode(bytes: &[u8]) -> Vec<u8> {
         index += 1;
     }
     out
+}
+
+/// Checks the HTTP/1.1 framing guard on arbitrary client bytes. What hyper receives must not
+/// depend on how the bytes are split into reads. It must be a prefix of the input, or a
+/// prefix followed by one stand-in request for a rejected head.
+pub fn framing(data: &[u8]) {
+    let whole = released_bytes(data, usize::MAX);
+    for piece in [1, 2, 5, 13, 600] {
+        assert_eq!(released_bytes(data, piece), whole, "reads of {piece} bytes changed the result");
+    }
+    if data.starts_with(&whole) {
+        return;
+    }
+    // Otherwise the end is a stand-in request, after a part of the input.
+    let text = String::from_utf8_lossy(&whole);
+    let marker = format!("\r\n{REJECTED_HEADER}: ");
+    let marker = marker.as_bytes();
+    let at = whole
+        .windows(marker.len())
+        .rposition(|window| window == marker)
+        .unwrap_or_else(|| panic!("released bytes differ from the input: {text:?}"));
+    let start = whole[..at].iter().rposition(|&b| b == b'\n').map_or(0, |newline| newline + 1);
+    assert!(data.starts_with(&whole[..start]), "the bytes before the stand-in differ from the input: {text:?}");
+    assert!(whole.ends_with(b"\r\nconnection: close\r\n\r\n"), "{text:?}");
 }

@@ -278,11 +278,19 @@ impl TlsUpstream {
                     let Ok((stream, _)) = listener.accept().await else { continue };
                     let acceptor = acceptor.clone();
                     tokio::spawn(async move {
-                        if let Ok(mut tls) = acceptor.accept(stream).await {
-                            let _ = tls
-                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                                .await;
+                        let Ok(mut tls) = acceptor.accept(stream).await else { return };
+                        // Read the request head first: closing with unread bytes makes the
+                        // kernel send RST, which can destroy the response in flight.
+                        let mut head = Vec::new();
+                        let mut buf = [0u8; 4096];
+                        while find(&head, b"\r\n\r\n").is_none() {
+                            match tls.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
                         }
+                        let _ = tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                        let _ = tls.shutdown().await;
                     });
                 }
             });

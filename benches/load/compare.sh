@@ -9,7 +9,9 @@
 #            benches/load/compare.sh
 #        VARIANTS="two=BIN one=BIN@TOKIO_WORKER_THREADS=1" benches/load/compare.sh
 # A variant is NAME=BINARY, optionally followed by @VAR=VALUE settings
-# (separated by @) that go into the gateway's environment.
+# (separated by @) that go into the gateway's environment. TOML text in the
+# environment variable CONFIG_<NAME>, if set, is appended to that variant's
+# configuration file, for example CONFIG_one=$'[runtime]\nworker_threads = 1'.
 # Environment:
 #   VARIANTS          required, see above
 #   WITH_NGINX        1 (default) adds the Harbor-like nginx front, 0 leaves it out
@@ -65,7 +67,8 @@ start_variant() {
     wrapper=$WORK/run-$name.sh
     printf '#!/bin/sh\nexec env %s %q "$@"\n' "${settings[*]}" "$binary" >"$wrapper"
     chmod +x "$wrapper"
-    GATEWAY_BIN=$wrapper start_gateway || die "variant $name did not start"
+    local extra=CONFIG_$name
+    GATEWAY_BIN=$wrapper GATEWAY_CONFIG_EXTRA=${!extra:-} start_gateway || die "variant $name did not start"
     for upstream in "${!UP_PORT[@]}"; do
         FRONT_PID[$name/$upstream]=${FRONT_PID[gateway/$upstream]}
         FRONT_PORT[$name/$upstream]=${FRONT_PORT[gateway/$upstream]}

@@ -11,9 +11,6 @@ use harbor_gateway::proxy::error_chain;
 use harbor_gateway::server;
 use harbor_gateway::workers::Workers;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// TLS-terminating gateway that serves a Harbor registry on the Rancher server's hostname.
 #[derive(Debug, Parser)]
 #[command(version, about, after_help = AFTER_HELP)]

@@ -1,12 +1,15 @@
 //! The log writer: stderr, with access-log lines batched per worker thread.
 //!
-//! The access log has one line per request, and a `write` system call per line is a
-//! measurable part of a small request's cost. On a worker thread, access lines collect in
-//! a thread-local buffer that is written out in one call when the worker's event loop runs
-//! out of work (Tokio's `on_thread_park`), when the buffer passes [`FLUSH_BYTES`], before
-//! any other log line from that thread, and when the worker stops. Under load, one write
-//! then carries the lines of a whole round of the event loop. An idle gateway writes each
-//! line as soon as its request ends.
+//! The access log has one line per request, and a `write` system call per line adds to a
+//! small request's cost. On a worker thread, access lines collect in a thread-local buffer.
+//! One call writes it out when the worker's event loop runs out of work (Tokio's
+//! `on_thread_park`) or when it passes [`FLUSH_BYTES`]. It is also written before any other
+//! log line from that thread and when the worker stops. Under load, one write then carries
+//! the lines of a whole round of the event loop. An idle gateway writes each line as soon as
+//! its request ends.
+//!
+//! NOTE: lines still in a buffer are lost if the process dies without stopping its workers
+//! (a panic that aborts, SIGKILL). A drain after SIGTERM or SIGINT writes them all.
 //!
 //! Every other event, and every event on a thread that is not a worker, goes to stderr at
 //! once.

@@ -141,27 +141,29 @@ main() {
 summarize() {
     python3 - "$RESULTS/runs.tsv" "$(getconf CLK_TCK)" "${ACTIVE[@]}" <<'EOF'
 import statistics, sys
-path, tck, fronts = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+path, ticks_per_second, fronts = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 runs = {}
 for line in open(path):
     front, workload, _round, _kind, units, _raw, wall_us, cpu, _up, _hwm, rc, others = line.rstrip("\n").split("\t")
     if rc != "0":
         continue
     units, wall_us, cpu = int(units), int(wall_us), int(cpu)
+    seconds = wall_us / 1e6
     runs.setdefault((workload, front), []).append(
-        (cpu * 1e6 / tck / units, units / (wall_us / 1e6), int(others) / tck / (wall_us / 1e6)))
-workloads = list(dict.fromkeys(w for w, _ in runs))
-print(f"{'workload':<26}" + "".join(f"{f:>26}" for f in fronts))
-for w in workloads:
-    for label, k in (("CPU us/req", 0), ("req/s", 1), ("other load", 2)):
+        (cpu * 1e6 / ticks_per_second / units, units / seconds, int(others) / ticks_per_second / seconds))
+workloads = list(dict.fromkeys(workload for workload, _ in runs))
+print(f"{'workload':<26}" + "".join(f"{front:>26}" for front in fronts))
+for workload in workloads:
+    for label, column in (("CPU us/req", 0), ("req/s", 1), ("other load", 2)):
         cells = []
-        for f in fronts:
-            values = [r[k] for r in runs.get((w, f), [])]
+        for front in fronts:
+            values = [run[column] for run in runs.get((workload, front), [])]
             if not values:
                 cells.append(f"{'-':>26}")
                 continue
             cells.append(f"{statistics.median(values):>10.1f} [{min(values):.1f}-{max(values):.1f}]".rjust(26))
-        print(f"{(w if k == 0 else '  ' + label):<26}" + "".join(cells) + (f"  {label}" if k == 0 else ""))
+        title = workload if column == 0 else "  " + label
+        print(f"{title:<26}" + "".join(cells) + (f"  {label}" if column == 0 else ""))
 print("CPU us/req: front utime+stime per request, median [min-max] over rounds; "
       "other load: cores busy outside front, upstream and client.")
 EOF

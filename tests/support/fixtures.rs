@@ -279,6 +279,16 @@ impl TlsUpstream {
                     let acceptor = acceptor.clone();
                     tokio::spawn(async move {
                         if let Ok(mut tls) = acceptor.accept(stream).await {
+                            // Closing with the request still unread would send a TCP reset,
+                            // which can reach the gateway before the response does.
+                            let mut head = Vec::new();
+                            let mut chunk = [0u8; 4096];
+                            while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+                                match tls.read(&mut chunk).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(read) => head.extend_from_slice(&chunk[..read]),
+                                }
+                            }
                             let _ = tls
                                 .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                                 .await;

@@ -34,7 +34,7 @@ source "$BENCH_DIR/lib/seed.sh"
 # shellcheck source=lib/workloads.sh
 source "$BENCH_DIR/lib/workloads.sh"
 
-[[ -n ${VARIANTS:-} ]] || die "set VARIANTS, for example VARIANTS=\"base=/tmp/gw-old new=target/release/harbor-gateway\""
+[[ -n ${VARIANTS:-} ]] || die "VARIANTS is not set; set it, for example VARIANTS=\"base=/tmp/gw-old new=target/release/harbor-gateway\""
 CERT=$REPO_ROOT/certs-test/tls.crt
 KEY=$REPO_ROOT/certs-test/tls.key
 CA=$REPO_ROOT/certs-test/ca.crt
@@ -62,7 +62,7 @@ trap 'exit 130' INT TERM
 start_variant() {
     local name=$1 spec=$2 binary settings=() upstream wrapper
     IFS=@ read -r -a settings <<<"$spec"
-    binary=$(realpath "${settings[0]}") || die "variant $name: no binary at ${settings[0]}"
+    binary=$(realpath "${settings[0]}") || die "variant $name: binary not found at ${settings[0]}"
     settings=("${settings[@]:1}")
     wrapper=$WORK/run-$name.sh
     printf '#!/bin/sh\nexec env %s %q "$@"\n' "${settings[*]}" "$binary" >"$wrapper"

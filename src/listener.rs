@@ -21,6 +21,7 @@ use crate::framing::FramingGuard;
 use crate::idle::{InFlight, Tracked};
 use crate::reload::SharedGateway;
 use crate::telemetry::{next_connection_id, ConnectionInfo};
+use crate::workers::Workers;
 
 /// Per-connection limits and timeouts.
 #[derive(Debug, Clone)]
@@ -78,9 +79,10 @@ pub fn http_builder(settings: &ConnectionSettings) -> auto::Builder<TokioExecuto
     builder
 }
 
-/// Accepts connections until `shutdown` turns true. Each connection is registered with
-/// `graceful`, which waits for it to close when the gateway drains; `shutdown` signals it to
-/// finish its requests and close.
+/// Accepts connections until `shutdown` turns true and hands each to one of `workers`, on
+/// whose thread it then runs. Each connection is registered with `graceful`, which waits
+/// for it to close when the gateway drains; `shutdown` signals it to finish its requests
+/// and close.
 ///
 /// At most `limits.max_connections` connections are served at once. The loop stops
 /// accepting at the limit instead of accepting and closing, so waiting clients stay in the
@@ -92,6 +94,7 @@ pub async fn serve_https(
     settings: ConnectionSettings,
     graceful: Arc<GracefulShutdown>,
     mut shutdown: watch::Receiver<bool>,
+    workers: Arc<Workers>,
 ) {
     let builder = Arc::new(http_builder(&settings));
     let slots = Arc::new(Semaphore::new(settings.limits.max_connections));
@@ -126,7 +129,28 @@ pub async fn serve_https(
         };
         let id = next_connection_id();
         let span = tracing::info_span!("connection", id, client_addr = %peer);
-        tokio::spawn(connection.run(stream, peer, id, span.clone()).instrument(span));
+        // A Tokio socket belongs to the runtime that registered it, so the stream moves to
+        // its worker as a std socket and registers there.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::warn!(%error, client_addr = %peer, "cannot hand a connection to a worker; closing it");
+                continue;
+            }
+        };
+        workers.spawn_connection(
+            async move {
+                let stream = match TcpStream::from_std(stream) {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot register a connection with its worker; closing it");
+                        return;
+                    }
+                };
+                connection.run(stream, peer, id, tracing::Span::current()).await;
+            }
+            .instrument(span),
+        );
     }
 }
 

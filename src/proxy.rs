@@ -24,7 +24,7 @@ use crate::routing::{path_has_prefix, Action, Route, RouteTable, UpstreamId, POR
 use crate::telemetry::{upstream_failure, ConnectionInfo, Exchange, ObservedBody};
 use crate::upgrade::{self, UpgradeRequest};
 use crate::portal;
-use crate::upstream::{build_client, UpstreamClient, UpstreamTlsError};
+use crate::upstream::{build_clients, UpstreamClient, UpstreamTlsError};
 
 /// Scheme and authority of one upstream, ready to put into request URIs.
 #[derive(Debug, Clone)]
@@ -39,7 +39,8 @@ pub struct Gateway {
     table: RouteTable,
     targets: Vec<UpstreamTarget>,
     origins: InternalOrigins,
-    client: UpstreamClient,
+    /// One client per worker thread, indexed by [`crate::workers::current_worker`].
+    clients: Vec<UpstreamClient>,
     registry_idle: Duration,
     default_idle: Duration,
     trusted_proxies: Vec<std::net::IpAddr>,
@@ -88,7 +89,7 @@ impl Gateway {
             table,
             targets,
             origins: InternalOrigins::new(&config.upstreams),
-            client: build_client(config.upstream_ca_file.as_deref(), config.timeouts.connect)?,
+            clients: build_clients(config.upstream_ca_file.as_deref(), config.timeouts.connect, config.worker_count())?,
             registry_idle: config.timeouts.registry_idle,
             default_idle: config.timeouts.default_idle,
             trusted_proxies: config.trusted_proxies.clone(),
@@ -319,7 +320,8 @@ impl Gateway {
         progress: &BodyProgress,
         idle: Duration,
     ) -> Option<Result<Response<Incoming>, hyper_util::client::legacy::Error>> {
-        let response = self.client.request(request);
+        let client = &self.clients[crate::workers::current_worker() % self.clients.len()];
+        let response = client.request(request);
         let mut response = std::pin::pin!(response);
         loop {
             let deadline = progress.last_activity() + idle;

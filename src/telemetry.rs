@@ -248,7 +248,7 @@ impl ExchangeState {
 
         let _entered = self.connection.span.enter();
         tracing::info!(
-            target: "access",
+            target: crate::log_buffer::ACCESS_TARGET,
             request_id = self.id,
             client_addr = %self.connection.peer,
             method = %self.method,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, StatusCode};
+use hyper::client::conn::http2::SendRequest;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
@@ -60,10 +61,10 @@ pub async fn open_http1(port: u16, target: &str) -> Result<Http1Socket, BoxError
     Ok(socket)
 }
 
-/// Opens a WebSocket with an HTTP/2 extended CONNECT to `target` and reads the greeting.
-pub async fn open_http2(port: u16, target: &str) -> Result<Http2Session, BoxError> {
+/// Opens an HTTP/2 connection to the gateway and spawns the task that drives it.
+pub async fn connect_http2(port: u16) -> Result<(SendRequest<TestBody>, JoinHandle<()>), BoxError> {
     let tls = tls_connect(port, b"h2").await?;
-    let (mut sender, connection) = within(
+    let (sender, connection) = within(
         "HTTP/2 handshake",
         hyper::client::conn::http2::Builder::new(TokioExecutor::new()).handshake::<_, TestBody>(TokioIo::new(tls)),
     )
@@ -71,7 +72,20 @@ pub async fn open_http2(port: u16, target: &str) -> Result<Http2Session, BoxErro
     let connection = tokio::spawn(async move {
         let _ = connection.await;
     });
+    Ok((sender, connection))
+}
 
+/// Opens a WebSocket with an HTTP/2 extended CONNECT to `target` on a connection of its own
+/// and reads the greeting.
+pub async fn open_http2(port: u16, target: &str) -> Result<Http2Session, BoxError> {
+    let (mut sender, connection) = connect_http2(port).await?;
+    let socket = open_on_http2(&mut sender, port, target).await?;
+    Ok(Http2Session { socket, connection })
+}
+
+/// Opens a WebSocket with an HTTP/2 extended CONNECT to `target` on the connection of
+/// `sender`, and reads the greeting.
+pub async fn open_on_http2(sender: &mut SendRequest<TestBody>, port: u16, target: &str) -> Result<Http2Socket, BoxError> {
     // The client may send extended CONNECT only after the server's SETTINGS allowed it
     // (RFC 8441 section 3). A completed request guarantees that they arrived.
     let warmup = Request::get(format!("https://localhost:{port}/v3/settings")).body(empty()).unwrap();
@@ -94,7 +108,7 @@ pub async fn open_http2(port: u16, target: &str) -> Result<Http2Session, BoxErro
     let upgraded = within("HTTP/2 stream as a tunnel", hyper::upgrade::on(response)).await?;
     let mut socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
     expect_greeting(&mut socket).await?;
-    Ok(Http2Session { socket, connection })
+    Ok(socket)
 }
 
 /// Reads the next message. A closed stream is an error.

@@ -243,8 +243,8 @@ impl Connection {
 }
 
 /// Waits for the tunnels that outlive hyper's connection future, which an HTTP/1.1
-/// connection leaves once the 101 response is sent. Until they end, the caller keeps the connection's
-/// slot and drain watcher.
+/// connection leaves once the 101 response is sent. Until they end, the caller keeps the
+/// connection's slot and drain watcher.
 ///
 /// At drain the tunnels are closed instead of waited for. Rancher's WebSockets (the UI's
 /// subscriptions, kubectl shells) stay open until a side closes them, so waiting would hold

@@ -13,7 +13,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use support::fixtures::read_to_close;
-use support::ops::{send_signal, start_gateway, wait_for_exit};
+use support::ops::{send_signal, start_gateway, wait_for_exit, wait_until};
 use support::rancher::Rancher;
 use support::websocket::{close_cleanly, connect_http2, echo_all, messages, open_http1, open_http2, open_on_http2, STEP};
 use support::*;
@@ -83,7 +83,11 @@ async fn drain_closes_http1_tunnel() {
     assert!(elapsed < Duration::from_secs(DRAIN_SECONDS / 2), "the drain took {elapsed:?}\n{log}");
     assert!(log.contains("closing an upgraded connection for the drain"), "{log}");
     assert!(log.contains("all connections closed; exiting"), "{log}");
-    assert_eq!(rancher.seen.lock().unwrap().open_sockets, 0, "the upstream side of the tunnel is still open");
+    // The fixture notices the closed upstream connection in a task of its own.
+    wait_until(Duration::from_secs(2), "the upstream side of the tunnel to close", || {
+        std::future::ready(rancher.seen.lock().unwrap().open_sockets == 0)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

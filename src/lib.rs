@@ -32,6 +32,7 @@ pub mod sanitize;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+pub mod tunnels;
 pub mod upgrade;
 pub mod upstream;
 pub mod workers;

@@ -1,6 +1,5 @@
 //! The request handler: route, forward, stream back.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,7 +126,7 @@ impl Gateway {
         let mut exchange = Exchange::start(self.route_metrics(route), &request, connection.clone());
         let registry_path = is_registry_path(request.uri().path());
 
-        let response = match self.dispatch(request, route, &mut exchange, connection.peer).await {
+        let response = match self.dispatch(request, route, &mut exchange, connection).await {
             Ok(response) => response,
             Err(error) => {
                 if let Some(failure) = upstream_failure(&error) {
@@ -153,7 +152,7 @@ impl Gateway {
         request: Request<Incoming>,
         route: Option<&Route>,
         exchange: &mut Exchange,
-        peer: SocketAddr,
+        connection: &ConnectionInfo,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if let Some(reason) = framing::rejected(&request) {
             return Err(ProxyError::BadRequest(reason.into()));
@@ -168,7 +167,7 @@ impl Gateway {
         match &route.action {
             Action::Proxy(upstream) => {
                 exchange.set_upstream(self.upstream_metrics[*upstream].clone());
-                self.forward(request, peer, route, *upstream, upgrade, exchange).await
+                self.forward(request, connection, route, *upstream, upgrade, exchange).await
             }
             Action::Respond(status, message) => Err(ProxyError::RouteStatus {
                 status: *status,
@@ -183,13 +182,14 @@ impl Gateway {
     async fn forward(
         &self,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        connection: &ConnectionInfo,
         route: &Route,
         upstream: UpstreamId,
         upgrade: Option<UpgradeRequest>,
         exchange: &Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let mut request = request;
+        let peer = connection.peer;
         let target = &self.targets[upstream];
         let idle = self.idle_timeout(request.uri().path());
         // The path is kept only for the tunnel's log lines.
@@ -296,7 +296,8 @@ impl Gateway {
 
         if let (Some(upgrade), Some(downstream), Some(upstream_side)) = (upgrade, downstream_upgrade, upstream_upgrade) {
             parts.status = upgrade.prepare_downstream(upstream_protocol, &mut parts.headers);
-            upgrade::spawn_tunnel(downstream, upstream_side, idle, target.name.clone(), tunnel_path.unwrap_or_default());
+            let guard = connection.tunnels.open();
+            upgrade::spawn_tunnel(downstream, upstream_side, guard, idle, target.name.clone(), tunnel_path.unwrap_or_default());
             return Ok(Response::from_parts(parts, ProxyBody::empty()));
         }
 

@@ -2,6 +2,7 @@
 //! HTTP/2 on the connection, as ALPN and the connection preface decide.
 
 use std::convert::Infallible;
+use std::os::fd::AsFd;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -173,6 +174,9 @@ impl Connection {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
+        // A second descriptor for the socket, so that it outlives hyper's end of the
+        // connection for the lingering close below.
+        let socket = stream.as_fd().try_clone_to_owned().map(std::net::TcpStream::from);
         let metrics = self.gateway.load().metrics().clone();
         let tls = match tokio::time::timeout(self.settings.tls_handshake, self.acceptor.accept(stream)).await {
             Ok(Ok(tls)) => tls,
@@ -259,13 +263,58 @@ impl Connection {
                 }
             }
         };
-        match result {
-            Ok(()) => tracing::debug!("connection closed"),
-            Err(error) => tracing::debug!(error = %crate::proxy::error_chain(&*error), "connection closed with an error"),
-        }
+        let clean = match result {
+            Ok(()) => {
+                tracing::debug!("connection closed");
+                true
+            }
+            Err(error) => {
+                tracing::debug!(error = %crate::proxy::error_chain(&*error), "connection closed with an error");
+                false
+            }
+        };
         wait_for_tunnels(&info.tunnels, &mut drain).await;
+        // After a protocol error nothing more is owed to the client, so its socket closes
+        // at once, which also stops a client that floods frames.
+        match socket {
+            Ok(socket) if clean => linger(socket).await,
+            Ok(_) => {}
+            Err(error) => tracing::debug!(%error, "cannot duplicate the socket; closing without lingering"),
+        }
         drop(self.graceful);
     }
+}
+
+/// Maximum wait for a client to close its side after the gateway has closed the connection.
+const LINGER: Duration = Duration::from_secs(2);
+/// Bytes read and discarded while lingering; a client that sends more is not just
+/// acknowledging the last response.
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Closes the client socket the way HTTP servers do after their last response: shut down the
+/// sending side, then read and discard what the client still sends until it closes or
+/// [`LINGER`] passes. Closing a socket that has unread bytes (an HTTP/2 client's
+/// WINDOW_UPDATE frames, say) makes the kernel send RST, and the client's kernel then drops
+/// response bytes that the client has not read yet.
+async fn linger(socket: std::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    if socket.set_nonblocking(true).is_err() {
+        return;
+    }
+    let Ok(mut socket) = TcpStream::from_std(socket) else { return };
+    let _ = socket.shutdown().await;
+    let mut discard = [0u8; 4096];
+    let drained = tokio::time::timeout(LINGER, async {
+        let mut total = 0;
+        while let Ok(read @ 1..) = socket.read(&mut discard).await {
+            total += read;
+            if total > LINGER_BYTES {
+                break;
+            }
+        }
+    });
+    let _ = drained.await;
 }
 
 /// Waits for the tunnels that outlive hyper's connection future, which an HTTP/1.1

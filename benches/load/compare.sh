@@ -7,7 +7,7 @@
 #
 # Usage: VARIANTS="base=/tmp/gw-old new=target/release/harbor-gateway" \
 #            benches/load/compare.sh
-#        VARIANTS="two=BIN one=BIN@TOKIO_WORKER_THREADS=1" benches/load/compare.sh
+#        VARIANTS="logged=BIN quiet=BIN@RUST_LOG=info,access=off" benches/load/compare.sh
 # A variant is NAME=BINARY, optionally followed by @VAR=VALUE settings
 # (separated by @) that go into the gateway's environment. TOML text in the
 # environment variable CONFIG_<NAME>, if set, is appended to that variant's

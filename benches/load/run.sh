@@ -218,8 +218,10 @@ main() {
 
     # Pushes go to another repository. The registry deduplicates by digest, so
     # repeating a push stores nothing new.
-    each_front "$LARGE_ROUNDS" "push${label}-monolithic" transfer "$big_bytes" \
-        by_front run_push_monolithic "@BASE@" "$WORK/blobs/$big" "${DIGEST[$big]}"
+    each_front "$LARGE_ROUNDS" "push${label}-monolithic-h1" transfer "$big_bytes" \
+        by_front run_push_monolithic h1 "@BASE@" "$WORK/blobs/$big" "${DIGEST[$big]}"
+    each_front "$LARGE_ROUNDS" "push${label}-monolithic-h2" transfer "$big_bytes" \
+        by_front run_push_monolithic h2 "@BASE@" "$WORK/blobs/$big" "${DIGEST[$big]}"
     split -b "$CHUNK_SIZE" -d "$WORK/blobs/layer64m" "$WORK/blobs/chunk64m."
     each_front "$LARGE_ROUNDS" push64m-chunked transfer "$mib64" \
         by_front run_push_chunked "@BASE@" "${DIGEST[layer64m]}" "$WORK"/blobs/chunk64m.*

@@ -139,9 +139,10 @@ with_query() {
 
 # Monolithic push: POST, then a single PUT carrying the whole blob.
 run_push_monolithic() {
-    local base=$1 file=$2 digest=$3 location
+    local proto=$1 base=$2 file=$3 digest=$4 location version=--http2
+    [[ $proto == h1 ]] && version=--http1.1
     location=$(upload_location "$base") || { echo "POST failed" >"$RAW.err"; return 1; }
-    timeout "$STEP_TIMEOUT" curl -sS -f --cacert "$CA" -H 'Expect:' \
+    timeout "$STEP_TIMEOUT" curl -sS -f --cacert "$CA" "$version" -H 'Expect:' \
         -H 'Content-Type: application/octet-stream' -w "$CURL_FORMAT" -o /dev/null \
         -T "$file" "$(with_query "$location" "digest=$digest")" >"$RAW.out" 2>"$RAW.err"
 }

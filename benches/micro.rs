@@ -7,6 +7,7 @@ use std::path::Path;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use harbor_gateway::config::Config;
+use harbor_gateway::framing;
 use harbor_gateway::rewrite::{InternalOrigins, RewriteContext};
 use harbor_gateway::routing::{Action, RouteTable};
 
@@ -123,5 +124,18 @@ fn www_authenticate_rewrite(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, route_matching, location_rewrite, www_authenticate_rewrite);
+/// The HTTP/1.1 framing guard on a typical manifest GET head, read whole and cut in two.
+fn framing_guard(c: &mut Criterion) {
+    let head = b"GET /v2/library/alpine/manifests/3.20 HTTP/1.1\r\nHost: rancher.example.com\r\n\
+        User-Agent: containerd/1.7.20\r\nAccept: application/vnd.oci.image.index.v1+json, \
+        application/vnd.docker.distribution.manifest.list.v2+json, \
+        application/vnd.docker.distribution.manifest.v2+json\r\nAuthorization: Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2ln\r\n\
+        Accept-Encoding: gzip\r\n\r\n";
+    let mut group = c.benchmark_group("framing_guard");
+    group.bench_function("manifest_get_head", |b| b.iter(|| framing::released_bytes(black_box(head), usize::MAX)));
+    group.bench_function("manifest_get_head_in_two_reads", |b| b.iter(|| framing::released_bytes(black_box(head), 200)));
+    group.finish();
+}
+
+criterion_group!(benches, route_matching, location_rewrite, www_authenticate_rewrite, framing_guard);
 criterion_main!(benches);

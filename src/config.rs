@@ -45,6 +45,9 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 250;
 /// Whether the Harbor routes (`/v2/`, `/registry/`, the portal carve-outs) are served. When
 /// false they respond with 503 saying the registry is disabled, and Rancher routes work as before.
 pub const DEFAULT_HARBOR_ENABLED: bool = true;
+/// Upper bound of `runtime.worker_threads`: a guard against a typo, far above any core count
+/// the gateway could use.
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 /// The well-known upstream names that the default route table uses.
 pub const HARBOR_CORE: &str = "harbor_core";
@@ -92,6 +95,14 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     harbor: RawHarbor,
+    #[serde(default)]
+    runtime: RawRuntime,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -221,6 +232,9 @@ pub struct Config {
     pub limits: Limits,
     /// `harbor.enabled`: false turns every default Harbor route into a 503.
     pub harbor_enabled: bool,
+    /// `runtime.worker_threads`: threads that serve client connections; `None` means one
+    /// per available CPU.
+    pub worker_threads: Option<usize>,
     /// Settings that are valid but probably not meant, such as an upstream no route uses.
     pub warnings: Vec<String>,
 }
@@ -313,6 +327,15 @@ impl Config {
             keep_alive: seconds("keep_alive", t.keep_alive, DEFAULT_KEEP_ALIVE_SECONDS).map_err(invalid)?,
         };
         let limits = parse_limits(&raw.limits).map_err(invalid)?;
+        let worker_threads = match raw.runtime.worker_threads {
+            Some(n) if !(1..=MAX_WORKER_THREADS).contains(&n) => {
+                return Err(invalid(format!(
+                    "runtime.worker_threads: {n} is out of range; give 1 to {MAX_WORKER_THREADS}, \
+                     or leave the key out for one thread per available CPU"
+                )));
+            }
+            value => value,
+        };
 
         Ok(Config {
             path: path.to_path_buf(),
@@ -332,8 +355,15 @@ impl Config {
             trusted_proxies,
             limits,
             harbor_enabled: raw.harbor.enabled.unwrap_or(DEFAULT_HARBOR_ENABLED),
+            worker_threads,
             warnings,
         })
+    }
+
+    /// Returns the number of worker threads to start: `runtime.worker_threads`, or one per
+    /// CPU this process may run on.
+    pub fn worker_count(&self) -> usize {
+        self.worker_threads.unwrap_or_else(crate::workers::available_cpus)
     }
 
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
@@ -492,6 +522,17 @@ harbor_core = "http://127.0.0.1:5000"
     }
 
     #[test]
+    fn worker_threads_default_to_cpus() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.worker_threads, None);
+        assert_eq!(config.worker_count(), crate::workers::available_cpus());
+        let config = parse(&format!("{MINIMAL}[runtime]\nworker_threads = 3\n")).unwrap();
+        assert_eq!(config.worker_count(), 3);
+        let error = parse(&format!("{MINIMAL}[runtime]\nthreads = 3\n")).unwrap_err();
+        assert!(error.to_string().contains("unknown field `threads`"), "{error}");
+    }
+
+    #[test]
     fn unused_upstream_gives_warning() {
         let config = parse(&MINIMAL.replace("harbor_core =", "harbor_kore =")).unwrap();
         assert_eq!(config.warnings.len(), 1);
@@ -525,6 +566,8 @@ harbor_core = "http://127.0.0.1:5000"
             (format!("{MINIMAL}[proxy]\ntrusted_proxies = [\"lb\"]\n"), "not an IP address"),
             (format!("{MINIMAL}[limits]\nmax_connections = 0\n"), "limits.max_connections"),
             (format!("{MINIMAL}[limits]\nmax_header_bytes = 100\n"), "limits.max_header_bytes"),
+            (format!("{MINIMAL}[runtime]\nworker_threads = 0\n"), "runtime.worker_threads"),
+            (format!("{MINIMAL}[runtime]\nworker_threads = 5000\n"), "runtime.worker_threads"),
         ];
         for (text, expected) in cases {
             let error = parse(&text).unwrap_err().to_string();

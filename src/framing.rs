@@ -130,7 +130,6 @@ enum State {
 #[derive(Debug, Default)]
 struct Head {
     started: bool,
-    line: Vec<u8>,
     request_line: Option<RequestLine>,
     lengths: u32,
     length: Option<u64>,
@@ -144,8 +143,7 @@ struct Head {
 
 #[derive(Debug, Default)]
 struct RequestLine {
-    method: String,
-    target: String,
+    connect: bool,
     http10: bool,
     h2_preface: bool,
 }
@@ -163,13 +161,15 @@ enum Chunk {
 #[derive(Debug)]
 struct Tracker {
     state: State,
+    /// The start of a head line that the previous read cut off; its capacity is reused.
+    line: Vec<u8>,
     last_byte: u8,
 }
 
 impl Tracker {
     fn new(passthrough: bool) -> Tracker {
         let state = if passthrough { State::Passthrough } else { State::Head(Head::default()) };
-        Tracker { state, last_byte: 0 }
+        Tracker { state, line: Vec::new(), last_byte: 0 }
     }
 
     fn is_passthrough(&self) -> bool {
@@ -206,28 +206,37 @@ impl Tracker {
 
     fn feed_head(&mut self, data: &[u8]) -> (usize, Event) {
         let State::Head(head) = &mut self.state else { unreachable!("called in the head state") };
+        let partial = &mut self.line;
         let mut used = 0;
         while let Some(offset) = memchr::memchr(b'\n', &data[used..]) {
             let end = used + offset;
-            let room = MAX_LINE.saturating_sub(head.line.len());
-            head.line.extend_from_slice(&data[used..end.min(used + room)]);
             let previous = if end > used { data[end - 1] } else { self.last_byte };
+            // A line that lies within `data` is read in place; only a line cut by the end
+            // of a read is copied.
+            let mut line = if partial.is_empty() {
+                &data[used..end]
+            } else {
+                let room = MAX_LINE.saturating_sub(partial.len());
+                partial.extend_from_slice(&data[used..end.min(used + room)]);
+                &partial[..]
+            };
             self.last_byte = b'\n';
             used = end + 1;
             if previous != b'\r' {
                 head.bare_lf = true;
-            } else if head.line.last() == Some(&b'\r') {
-                head.line.pop();
+            } else if let Some(stripped) = line.strip_suffix(b"\r") {
+                line = stripped;
             }
-            let line = std::mem::take(&mut head.line);
-            if head.take_line(&line) {
+            let ends_head = head.take_line(line);
+            partial.clear();
+            if ends_head {
                 let head = std::mem::take(head);
                 let verdict = self.finish_head(head);
                 return (used, Event::HeadEnd(verdict));
             }
         }
-        let room = MAX_LINE.saturating_sub(head.line.len());
-        head.line.extend_from_slice(&data[used..data.len().min(used + room)]);
+        let room = MAX_LINE.saturating_sub(partial.len());
+        partial.extend_from_slice(&data[used..data.len().min(used + room)]);
         if let Some(&last) = data.last() {
             self.last_byte = last;
         }
@@ -260,7 +269,7 @@ impl Tracker {
         }
 
         let has_body = head.codings > 0 || head.length.unwrap_or(0) > 0;
-        let connect = line.method.eq_ignore_ascii_case("CONNECT");
+        let connect = line.connect;
         // `Upgrade` counts only when `Connection` names it (RFC 9110 §7.8); the gateway
         // forwards any other `Upgrade` as an ordinary request, body and all. Without a
         // body, any `Upgrade` waits for the status, which is safe either way.
@@ -396,33 +405,33 @@ impl RequestLine {
         }
         let mut parts = line.split(|&b| b == b' ');
         let method = parts.next().unwrap_or_default();
-        let target = parts.next().unwrap_or_default();
-        let version = parts.next().unwrap_or_default();
-        let method = if (1..=16).contains(&method.len()) && method.iter().all(u8::is_ascii_uppercase) {
-            String::from_utf8_lossy(method).into_owned()
-        } else {
-            String::new()
-        };
-        let target = if target.starts_with(b"/") && target.len() <= MAX_TARGET && target.iter().all(|b| (0x21..0x7f).contains(b)) {
-            String::from_utf8_lossy(target).into_owned()
-        } else {
-            String::new()
-        };
-        RequestLine { method, target, http10: version == b"HTTP/1.0", h2_preface: false }
+        let version = parts.nth(1).unwrap_or_default();
+        RequestLine {
+            connect: method.eq_ignore_ascii_case(b"CONNECT"),
+            http10: version == b"HTTP/1.0",
+            h2_preface: false,
+        }
     }
+}
 
-    /// Builds the request that hyper reads in place of a rejected head. It keeps the method and
-    /// path where they are plain, so the error has the form the route's clients expect
-    /// (JSON on `/v2/`, no body for HEAD).
-    fn stand_in(&self, violation: Violation) -> Vec<u8> {
-        let method = match self.method.as_str() {
-            "" | "CONNECT" => "GET",
-            method => method,
-        };
-        let target = if self.target.is_empty() { "/" } else { &self.target };
-        format!("{method} {target} HTTP/1.1\r\n{REJECTED_HEADER}: {}\r\nconnection: close\r\n\r\n", violation.code())
-            .into_bytes()
+/// Builds the request that hyper reads in place of a rejected head. It keeps the method and
+/// path where they are plain, so the error has the form the route's clients expect (JSON on
+/// `/v2/`, no body for HEAD).
+fn stand_in(request_line: &[u8], violation: Violation) -> Vec<u8> {
+    let mut parts = request_line.split(|&b| b == b' ');
+    let method = parts.next().unwrap_or_default();
+    let target = parts.next().unwrap_or_default();
+    let plain_method = (1..=16).contains(&method.len()) && method.iter().all(u8::is_ascii_uppercase) && method != b"CONNECT";
+    let plain_target = target.starts_with(b"/") && target.len() <= MAX_TARGET && target.iter().all(|b| (0x21..0x7f).contains(b));
+    let method = if plain_method { method } else { b"GET" };
+    let target = if plain_target { target } else { b"/" };
+    let code = violation.code();
+    let mut request = Vec::with_capacity(method.len() + target.len() + 80);
+    for part in [method, b" ", target, b" HTTP/1.1\r\n", REJECTED_HEADER.as_bytes(), b": ", code.as_bytes()] {
+        request.extend_from_slice(part);
     }
+    request.extend_from_slice(b"\r\nconnection: close\r\n\r\n");
+    request
 }
 
 fn trim(value: &[u8]) -> &[u8] {
@@ -523,9 +532,9 @@ impl<S> FramingGuard<S> {
                 Event::HeadEnd(Ok(())) => head_start = None,
                 Event::HeadEnd(Err(violation)) => {
                     let keep = head_start.unwrap_or(0);
-                    let line = RequestLine::parse(first_line(&data[keep..at]));
                     tracing::info!(reason = violation.code(), "rejected a request with ambiguous framing");
-                    return Outcome::Reject { keep, stand_in: line.stand_in(violation) };
+                    let stand_in = stand_in(first_line(&data[keep..at]), violation);
+                    return Outcome::Reject { keep, stand_in };
                 }
                 Event::BodyError(violation) => {
                     // hyper's chunked decoder rejects the same bytes and fails the body;

@@ -31,6 +31,13 @@ impl InFlight {
         RequestGuard { count: self.count.clone() }
     }
 
+    /// Resolves as soon as no request is in flight.
+    pub async fn none(&self) {
+        let mut count = self.count.subscribe();
+        // The sender lives in `self`, so the wait ends only by a change.
+        let _ = count.wait_for(|n| *n == 0).await;
+    }
+
     /// Resolves once no request has been in flight for `period`.
     pub async fn idle_for(&self, period: Duration) {
         let mut count = self.count.subscribe();

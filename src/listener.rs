@@ -21,6 +21,8 @@ use crate::framing::FramingGuard;
 use crate::idle::{InFlight, Tracked};
 use crate::reload::SharedGateway;
 use crate::telemetry::{next_connection_id, ConnectionInfo};
+use crate::tunnels::Tunnels;
+use crate::workers::Workers;
 
 /// Per-connection limits and timeouts.
 #[derive(Debug, Clone)]
@@ -78,9 +80,10 @@ pub fn http_builder(settings: &ConnectionSettings) -> auto::Builder<TokioExecuto
     builder
 }
 
-/// Accepts connections until `shutdown` turns true. Each connection is registered with
-/// `graceful`, which waits for it to close when the gateway drains; `shutdown` signals it to
-/// finish its requests and close.
+/// Accepts connections until `shutdown` turns true and hands each to one of `workers`, on
+/// whose thread it then runs. Each connection is registered with `graceful`, which waits
+/// for it to close when the gateway drains; `shutdown` signals it to finish its requests
+/// and close.
 ///
 /// At most `limits.max_connections` connections are served at once. The loop stops
 /// accepting at the limit instead of accepting and closing, so waiting clients stay in the
@@ -92,6 +95,7 @@ pub async fn serve_https(
     settings: ConnectionSettings,
     graceful: Arc<GracefulShutdown>,
     mut shutdown: watch::Receiver<bool>,
+    workers: Arc<Workers>,
 ) {
     let builder = Arc::new(http_builder(&settings));
     let slots = Arc::new(Semaphore::new(settings.limits.max_connections));
@@ -126,7 +130,28 @@ pub async fn serve_https(
         };
         let id = next_connection_id();
         let span = tracing::info_span!("connection", id, client_addr = %peer);
-        tokio::spawn(connection.run(stream, peer, id, span.clone()).instrument(span));
+        // A Tokio socket belongs to the runtime that registered it, so the stream moves to
+        // its worker as a std socket and registers there.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::warn!(%error, client_addr = %peer, "cannot hand a connection to a worker; closing it");
+                continue;
+            }
+        };
+        workers.spawn_connection(
+            async move {
+                let stream = match TcpStream::from_std(stream) {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot register a connection with its worker; closing it");
+                        return;
+                    }
+                };
+                connection.run(stream, peer, id, tracing::Span::current()).await;
+            }
+            .instrument(span),
+        );
     }
 }
 
@@ -138,8 +163,8 @@ struct Connection {
     /// Held until the connection ends so that `shutdown()` waits for it.
     graceful: Watcher,
     drain: watch::Receiver<bool>,
-    /// NOTE: an upgraded connection (WebSocket) leaves hyper's connection future, so it
-    /// stops counting against the limit and the drain once the 101 response is sent.
+    /// Held until the connection and its tunnels end, so an upgraded connection keeps
+    /// counting against `limits.max_connections`.
     _permit: OwnedSemaphorePermit,
 }
 
@@ -182,7 +207,8 @@ impl Connection {
         tracing::debug!(tls = tls_version, protocol, sni = session.server_name().unwrap_or("-"), "connection established");
         let _open = metrics.connection_opened(protocol);
 
-        let connection = Arc::new(ConnectionInfo { id, peer, tls_version, span });
+        let connection = Arc::new(ConnectionInfo { id, peer, tls_version, span, tunnels: Tunnels::default() });
+        let info = connection.clone();
         let gateway = self.gateway;
         let in_flight = InFlight::default();
         let requests = in_flight.clone();
@@ -206,9 +232,12 @@ impl Connection {
         let idle = in_flight.idle_for(self.settings.keep_alive);
         let mut idle = std::pin::pin!(idle);
         let mut closing = false;
+        let mut draining = false;
+        let mut tunnels_closed = false;
 
         // Idle time and the drain both end the connection the same way: GOAWAY on HTTP/2,
-        // close after the current response on HTTP/1.1.
+        // close after the current response on HTTP/1.1. At drain, the HTTP/2 streams that
+        // carry tunnels are closed once the connection's other requests have finished.
         let result = loop {
             tokio::select! {
                 result = connection.as_mut() => break result,
@@ -217,9 +246,16 @@ impl Connection {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 }
-                _ = drain.wait_for(|stop| *stop), if !closing => {
-                    connection.as_mut().graceful_shutdown();
-                    closing = true;
+                _ = drain.wait_for(|stop| *stop), if !draining => {
+                    if !closing {
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    draining = true;
+                }
+                () = in_flight.none(), if draining && !tunnels_closed => {
+                    info.tunnels.close_all();
+                    tunnels_closed = true;
                 }
             }
         };
@@ -227,8 +263,29 @@ impl Connection {
             Ok(()) => tracing::debug!("connection closed"),
             Err(error) => tracing::debug!(error = %crate::proxy::error_chain(&*error), "connection closed with an error"),
         }
+        wait_for_tunnels(&info.tunnels, &mut drain).await;
         drop(self.graceful);
     }
+}
+
+/// Waits for the tunnels that outlive hyper's connection future, which an HTTP/1.1
+/// connection leaves once the 101 response is sent. Until they end, the caller keeps the
+/// connection's slot and drain watcher.
+///
+/// At drain the tunnels are closed instead of waited for. Rancher's WebSockets (the UI's
+/// subscriptions, kubectl shells) stay open until a side closes them, so waiting would hold
+/// every drain to its full period, and Rancher's UI reconnects at once to a replica that is
+/// still ready.
+async fn wait_for_tunnels(tunnels: &Tunnels, drain: &mut watch::Receiver<bool>) {
+    if tunnels.count() == 0 {
+        return;
+    }
+    tokio::select! {
+        () = tunnels.all_closed() => return,
+        _ = drain.wait_for(|stop| *stop) => {}
+    }
+    tunnels.close_all();
+    tunnels.all_closed().await;
 }
 
 /// Returns the `reason` label for a failed handshake, one of

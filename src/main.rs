@@ -1,12 +1,15 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use harbor_gateway::log_buffer::LogWriter;
 use harbor_gateway::proxy::error_chain;
 use harbor_gateway::server;
+use harbor_gateway::workers::Workers;
 
 /// TLS-terminating gateway that serves a Harbor registry on the Rancher server's hostname.
 #[derive(Debug, Parser)]
@@ -69,14 +72,29 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // Client connections run on the worker threads. This thread accepts them and handles
+    // signals, reloads and the admin listener, so a reload never stalls a request.
+    let workers = match Workers::start(prepared.config.worker_count()) {
+        Ok(workers) => Arc::new(workers),
+        Err(error) => {
+            eprintln!("harbor-gateway: cannot start the worker threads: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("harbor-gateway: cannot start the async runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(server::run(prepared)) {
+    let result = runtime.block_on(server::run(prepared, workers.clone()));
+    // The accept loop has ended, so this is the last reference unless the run failed
+    // before it started.
+    if let Some(workers) = Arc::into_inner(workers) {
+        workers.stop();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("harbor-gateway: {}", error_chain(&error));
@@ -90,7 +108,7 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(LogWriter);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

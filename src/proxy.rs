@@ -1,6 +1,5 @@
 //! The request handler: route, forward, stream back.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +23,7 @@ use crate::routing::{path_has_prefix, Action, Route, RouteTable, UpstreamId, POR
 use crate::telemetry::{upstream_failure, ConnectionInfo, Exchange, ObservedBody};
 use crate::upgrade::{self, UpgradeRequest};
 use crate::portal;
-use crate::upstream::{build_client, UpstreamClient, UpstreamTlsError};
+use crate::upstream::{build_clients, UpstreamClient, UpstreamTlsError};
 
 /// Scheme and authority of one upstream, ready to put into request URIs.
 #[derive(Debug, Clone)]
@@ -39,7 +38,8 @@ pub struct Gateway {
     table: RouteTable,
     targets: Vec<UpstreamTarget>,
     origins: InternalOrigins,
-    client: UpstreamClient,
+    /// One client per worker thread, indexed by [`crate::workers::current_worker`].
+    clients: Vec<UpstreamClient>,
     registry_idle: Duration,
     default_idle: Duration,
     trusted_proxies: Vec<std::net::IpAddr>,
@@ -88,7 +88,7 @@ impl Gateway {
             table,
             targets,
             origins: InternalOrigins::new(&config.upstreams),
-            client: build_client(config.upstream_ca_file.as_deref(), config.timeouts.connect)?,
+            clients: build_clients(config.upstream_ca_file.as_deref(), config.timeouts.connect, config.worker_count())?,
             registry_idle: config.timeouts.registry_idle,
             default_idle: config.timeouts.default_idle,
             trusted_proxies: config.trusted_proxies.clone(),
@@ -126,7 +126,7 @@ impl Gateway {
         let mut exchange = Exchange::start(self.route_metrics(route), &request, connection.clone());
         let registry_path = is_registry_path(request.uri().path());
 
-        let response = match self.dispatch(request, route, &mut exchange, connection.peer).await {
+        let response = match self.dispatch(request, route, &mut exchange, connection).await {
             Ok(response) => response,
             Err(error) => {
                 if let Some(failure) = upstream_failure(&error) {
@@ -152,7 +152,7 @@ impl Gateway {
         request: Request<Incoming>,
         route: Option<&Route>,
         exchange: &mut Exchange,
-        peer: SocketAddr,
+        connection: &ConnectionInfo,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if let Some(reason) = framing::rejected(&request) {
             return Err(ProxyError::BadRequest(reason.into()));
@@ -167,7 +167,7 @@ impl Gateway {
         match &route.action {
             Action::Proxy(upstream) => {
                 exchange.set_upstream(self.upstream_metrics[*upstream].clone());
-                self.forward(request, peer, route, *upstream, upgrade, exchange).await
+                self.forward(request, connection, route, *upstream, upgrade, exchange).await
             }
             Action::Respond(status, message) => Err(ProxyError::RouteStatus {
                 status: *status,
@@ -182,13 +182,14 @@ impl Gateway {
     async fn forward(
         &self,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        connection: &ConnectionInfo,
         route: &Route,
         upstream: UpstreamId,
         upgrade: Option<UpgradeRequest>,
         exchange: &Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let mut request = request;
+        let peer = connection.peer;
         let target = &self.targets[upstream];
         let idle = self.idle_timeout(request.uri().path());
         // The path is kept only for the tunnel's log lines.
@@ -295,7 +296,8 @@ impl Gateway {
 
         if let (Some(upgrade), Some(downstream), Some(upstream_side)) = (upgrade, downstream_upgrade, upstream_upgrade) {
             parts.status = upgrade.prepare_downstream(upstream_protocol, &mut parts.headers);
-            upgrade::spawn_tunnel(downstream, upstream_side, idle, target.name.clone(), tunnel_path.unwrap_or_default());
+            let guard = connection.tunnels.open();
+            upgrade::spawn_tunnel(downstream, upstream_side, guard, idle, target.name.clone(), tunnel_path.unwrap_or_default());
             return Ok(Response::from_parts(parts, ProxyBody::empty()));
         }
 
@@ -319,7 +321,8 @@ impl Gateway {
         progress: &BodyProgress,
         idle: Duration,
     ) -> Option<Result<Response<Incoming>, hyper_util::client::legacy::Error>> {
-        let response = self.client.request(request);
+        let client = &self.clients[crate::workers::current_worker() % self.clients.len()];
+        let response = client.request(request);
         let mut response = std::pin::pin!(response);
         loop {
             let deadline = progress.last_activity() + idle;

@@ -159,6 +159,13 @@ impl Reloader {
         if new.timeouts.tls_handshake != old.timeouts.tls_handshake || new.timeouts.header_read != old.timeouts.header_read {
             tracing::warn!("timeouts.tls_handshake and timeouts.header_read changed; they take effect only after a restart");
         }
+        if new.worker_threads != old.worker_threads {
+            tracing::warn!(
+                worker_threads = new.worker_count(),
+                running = old.worker_count(),
+                "runtime.worker_threads changed; it takes effect only after a restart"
+            );
+        }
     }
 
     /// Polls the configuration file and the files it names, and reloads when one changes.

@@ -21,6 +21,7 @@ use crate::proxy::Gateway;
 use crate::reload::{load, report_certificate, Loaded, Reloader, SharedGateway};
 use crate::tls::{server_config, CertificateStore, LeafInfo, TlsError};
 use crate::upstream::UpstreamTlsError;
+use crate::workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -65,10 +66,11 @@ pub fn prepare(config_path: &Path) -> Result<Prepared, StartError> {
     Ok(Prepared { config, certificates, leaf, gateway: Arc::new(gateway) })
 }
 
-/// Serves until SIGTERM or SIGINT, reloading on SIGHUP and on file changes. After the
-/// signal it stops accepting, lets in-flight requests finish for up to the drain period,
-/// and returns.
-pub async fn run(prepared: Prepared) -> Result<(), StartError> {
+/// Serves until SIGTERM or SIGINT, reloading on SIGHUP and on file changes. Client
+/// connections run on `workers`; accepting, signals, reloads and the admin listener run on
+/// the caller's runtime. After the signal it stops accepting, lets in-flight requests finish
+/// for up to the drain period, and returns.
+pub async fn run(prepared: Prepared, workers: Arc<Workers>) -> Result<(), StartError> {
     let Prepared { config, certificates, leaf, gateway } = prepared;
     let metrics = gateway.metrics().clone();
     let acceptor = TlsAcceptor::from(server_config(certificates.clone())?);
@@ -102,6 +104,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     tracing::info!(
         addr = %local_addr("https", &https)?,
         routes = gateway.load().routes().routes().len(),
+        worker_threads = workers.len(),
         "https listener started"
     );
     let accept_loop = tokio::spawn(serve_https(
@@ -111,6 +114,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         settings,
         graceful.clone(),
         shutdown,
+        workers,
     ));
     health.set_ready(true);
 

@@ -44,6 +44,8 @@ pub struct ConnectionInfo {
     /// The connection's span. Request tasks that hyper spawns for HTTP/2 streams do not
     /// inherit it, so request events enter it explicitly.
     pub span: tracing::Span,
+    /// WebSocket and other upgraded tunnels opened on this connection.
+    pub tunnels: crate::tunnels::Tunnels,
 }
 
 /// Outcome of a request, as the access log's `outcome` field reports it.
@@ -248,7 +250,7 @@ impl ExchangeState {
 
         let _entered = self.connection.span.enter();
         tracing::info!(
-            target: "access",
+            target: crate::log_buffer::ACCESS_TARGET,
             request_id = self.id,
             client_addr = %self.connection.peer,
             method = %self.method,

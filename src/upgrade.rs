@@ -9,7 +9,8 @@
 //!   HTTP/1.1 WebSocket handshake upstream. The upstream's 101 becomes a 200 downstream.
 //!
 //! After the switch the gateway copies bytes both ways, frames and close frames included,
-//! until both sides close or nothing moves in either direction for the idle period.
+//! until both sides close, nothing moves in either direction for the idle period, or the
+//! gateway drains.
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,10 +21,11 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 use crate::error::ProxyError;
+use crate::tunnels::TunnelGuard;
 
 const SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
 const SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket-accept");
@@ -144,9 +146,18 @@ fn base64_encode(input: &[u8]) -> String {
 }
 
 /// Waits for both sides to finish switching protocols, then copies bytes both ways until
-/// both close or nothing moves for `idle`. Runs in its own task, so the request handler
-/// can return the 101 (or 200) that lets the client switch.
-pub fn spawn_tunnel(downstream: OnUpgrade, upstream: OnUpgrade, idle: Duration, upstream_name: String, path: String) {
+/// both close, nothing moves for `idle`, or the connection signals its tunnels to close at
+/// drain. Runs in its own task, so the request handler can return the 101 (or 200) that
+/// lets the client switch. `guard` keeps the tunnel counted on its client connection until
+/// the task ends.
+pub fn spawn_tunnel(
+    downstream: OnUpgrade,
+    upstream: OnUpgrade,
+    mut guard: TunnelGuard,
+    idle: Duration,
+    upstream_name: String,
+    path: String,
+) {
     tokio::spawn(async move {
         let (downstream, upstream) = match tokio::try_join!(downstream, upstream) {
             Ok(pair) => pair,
@@ -160,17 +171,39 @@ pub fn spawn_tunnel(downstream: OnUpgrade, upstream: OnUpgrade, idle: Duration, 
         let mut upstream = Tracked { inner: TokioIo::new(upstream), activity: activity.clone() };
         tracing::debug!(upstream = %upstream_name, %path, "upgraded connection open");
 
-        tokio::select! {
-            result = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => match result {
-                Ok((sent, received)) => tracing::debug!(upstream = %upstream_name, %path, sent, received, "upgraded connection closed"),
-                Err(error) => tracing::debug!(upstream = %upstream_name, %path, %error, "upgraded connection ended with an error"),
-            },
+        let draining = tokio::select! {
+            result = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => {
+                match result {
+                    Ok((sent, received)) => tracing::debug!(upstream = %upstream_name, %path, sent, received, "upgraded connection closed"),
+                    Err(error) => tracing::debug!(upstream = %upstream_name, %path, %error, "upgraded connection ended with an error"),
+                }
+                false
+            }
             () = activity.expired(idle) => {
                 tracing::info!(upstream = %upstream_name, %path, idle = ?idle, "upgraded connection closed after the idle timeout");
+                false
+            }
+            () = guard.closing() => true,
+        };
+        if draining {
+            // The tunnel copies bytes without parsing WebSocket frames, so it cannot send a
+            // close frame. A TLS close_notify (or END_STREAM on HTTP/2) shows the client that
+            // the gateway ended the connection on purpose.
+            tracing::info!(upstream = %upstream_name, %path, "closing an upgraded connection for the drain");
+            let shutdown = async {
+                let _ = downstream.shutdown().await;
+                let _ = upstream.shutdown().await;
+            };
+            if tokio::time::timeout(DRAIN_SHUTDOWN_TIMEOUT, shutdown).await.is_err() {
+                tracing::debug!(upstream = %upstream_name, %path, "peer did not take the close in time; dropping the connection");
             }
         }
+        drop(guard);
     });
 }
+
+/// How long closing a tunnel at drain may wait for a peer that does not read.
+const DRAIN_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Time of the last byte moved in either direction, shared by both halves of a tunnel.
 #[derive(Clone)]

@@ -44,9 +44,16 @@ pub enum UpstreamTlsError {
     Config(#[source] rustls::Error),
 }
 
-/// Builds the client. Upstream certificates are verified against the system roots plus,
-/// when given, the CAs in `ca_file` (for an https Rancher with its own CA).
-pub fn build_client(ca_file: Option<&Path>, connect_timeout: Duration) -> Result<UpstreamClient, UpstreamTlsError> {
+/// Builds `count` clients with the same settings, each with a connection pool of its own.
+/// Upstream certificates are verified against the system roots plus, when given, the CAs in
+/// `ca_file` (for an https Rancher with its own CA). Each worker thread gets one client, so
+/// that a pooled upstream connection, whose task runs on the thread that opened it, is used
+/// only from that thread.
+pub fn build_clients(
+    ca_file: Option<&Path>,
+    connect_timeout: Duration,
+    count: usize,
+) -> Result<Vec<UpstreamClient>, UpstreamTlsError> {
     let mut roots = RootCertStore::empty();
     // Missing or unreadable system roots are not fatal: an https upstream with a private
     // CA works through `ca_file` alone.
@@ -88,9 +95,14 @@ pub fn build_client(ca_file: Option<&Path>, connect_timeout: Duration) -> Result
         .enable_http1()
         .wrap_connector(http);
 
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .build(connector))
+    let clients = (0..count.max(1))
+        .map(|_| {
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .build(connector.clone())
+        })
+        .collect();
+    Ok(clients)
 }

@@ -228,8 +228,12 @@ async fn in_flight_lasts_until_body_ends() {
     drop(response);
     wait_for_metric(&gateway, "harbor_gateway_requests_in_flight", &in_flight, 0.0).await;
     wait_for_metric(&gateway, "harbor_gateway_requests_total", &[("route", "registry"), ("method", "GET"), ("status_class", "2xx")], 1.0).await;
-    let log = gateway.process.log_text();
-    assert!(log.contains("outcome=\"client_closed\""), "{log}");
+    // Worker threads write access lines when their event loop goes idle, a moment after
+    // the metrics change.
+    wait_until(Duration::from_secs(5), "the client_closed access line", || {
+        std::future::ready(gateway.process.log_text().contains("outcome=\"client_closed\""))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,19 +1,35 @@
 //! A bounded soak on loopback: blob pushes and pulls over HTTP/1.1 and HTTP/2 to the real
-//! registry, mixed with bad requests and dropped connections, for `SOAK_SECONDS` (default
-//! 75). Good clients must see no error, every upload's digest must be confirmed by the
-//! registry, and the gateway's memory and file descriptors must not grow.
-//!
-//! TODO: add WebSocket sessions to the mix once the gateway proxies WebSocket upgrades.
+//! registry, WebSocket sessions to a Rancher fixture over both protocols, bad requests and
+//! dropped connections, for `SOAK_SECONDS` (default 75). Good clients must see no error,
+//! every upload's digest must be confirmed by the registry, every WebSocket message must
+//! come back byte for byte, and the gateway's memory and file descriptors must not grow.
+//! Some WebSocket sessions are abandoned with a bare TCP close, and no tunnel may outlive
+//! its client.
 
 mod support;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::{Method, Request, StatusCode};
 use support::fixtures::*;
+use support::rancher::Rancher;
+use support::websocket::{close_cleanly, echo_all, messages, open_http1, open_http2};
+use tokio_tungstenite::tungstenite::Message;
 use support::*;
+
+/// One WebSocket session in this many is abandoned without a close frame.
+const ABANDON_EVERY: u64 = 4;
+/// Messages echoed in each WebSocket session.
+const MESSAGES_PER_SESSION: usize = 6;
+/// Maximum size of a binary WebSocket message, and of the large one sent every eighth
+/// session. The large one spans many reads and TLS records in the tunnel.
+const MAX_BINARY: usize = 64 << 10;
+const MAX_LARGE_BINARY: usize = 1 << 20;
+/// Pause between one worker's WebSocket sessions. In one 75 s run on two shared cores,
+/// sessions back to back halved the blob pushes completed (6864 to 3301).
+const SESSION_PAUSE: Duration = Duration::from_millis(50);
 
 /// Resident memory (VmRSS) in KiB and open file descriptors of a process.
 fn usage(pid: u32) -> (u64, usize) {
@@ -33,6 +49,18 @@ struct Counters {
     pulls: AtomicU64,
     rejected: AtomicU64,
     dropped: AtomicU64,
+    websocket_closed: AtomicU64,
+    websocket_abandoned: AtomicU64,
+    websocket_messages: AtomicU64,
+    websocket_bytes: AtomicU64,
+    /// WebSocket sessions that failed, each with its error.
+    websocket_failures: Mutex<Vec<String>>,
+}
+
+impl Counters {
+    fn websocket_sessions(&self) -> u64 {
+        self.websocket_closed.load(Ordering::Relaxed) + self.websocket_abandoned.load(Ordering::Relaxed)
+    }
 }
 
 async fn push_and_pull(gateway_url: String, protocol: Protocol, worker: u64, until: Instant, counters: Arc<Counters>) {
@@ -103,11 +131,75 @@ async fn misbehave(port: u16, until: Instant, counters: Arc<Counters>) {
     }
 }
 
+/// Opens WebSocket sessions one after another until `until`, over HTTP/1.1 Upgrade for even
+/// workers and HTTP/2 extended CONNECT for odd ones. Failures are counted, not raised, so
+/// that the soak reports all of them at the end.
+async fn websocket_sessions(port: u16, worker: u64, until: Instant, counters: Arc<Counters>) {
+    let mut session = 0u64;
+    while Instant::now() < until {
+        session += 1;
+        let seed = (worker << 32) | session;
+        let abandon = session % ABANDON_EVERY == 0;
+        let max_binary = if session % 8 == 1 { MAX_LARGE_BINARY } else { MAX_BINARY };
+        let batch = messages(seed, MESSAGES_PER_SESSION, max_binary);
+        let target = format!("/v3/subscribe?sockId={seed}");
+        let result = if worker % 2 == 0 {
+            http1_session(port, &target, batch, abandon).await
+        } else {
+            http2_session(port, &target, batch, abandon).await
+        };
+
+        match result {
+            Ok(bytes) => {
+                counters.websocket_messages.fetch_add(MESSAGES_PER_SESSION as u64, Ordering::Relaxed);
+                counters.websocket_bytes.fetch_add(bytes, Ordering::Relaxed);
+                let finished = if abandon { &counters.websocket_abandoned } else { &counters.websocket_closed };
+                finished.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => {
+                let protocol = if worker % 2 == 0 { "HTTP/1.1" } else { "HTTP/2" };
+                counters.websocket_failures.lock().unwrap().push(format!("{protocol} session {target}: {error}"));
+            }
+        }
+        tokio::time::sleep(SESSION_PAUSE).await;
+    }
+}
+
+/// Echoes `batch` over a WebSocket opened with an HTTP/1.1 Upgrade, then closes it with the
+/// closing handshake, or with `abandon` drops the TCP stream without a close frame.
+/// Returns the bytes echoed.
+async fn http1_session(port: u16, target: &str, batch: Vec<Message>, abandon: bool) -> Result<u64, BoxError> {
+    let mut socket = open_http1(port, target).await?;
+    let bytes = echo_all(&mut socket, batch).await?;
+    if abandon {
+        drop(socket);
+    } else {
+        close_cleanly(&mut socket).await?;
+    }
+    Ok(bytes)
+}
+
+/// Like [`http1_session`] over an HTTP/2 extended CONNECT. Abandoning drops the whole
+/// HTTP/2 connection, so the gateway gets a TCP close without GOAWAY or RST_STREAM.
+async fn http2_session(port: u16, target: &str, batch: Vec<Message>, abandon: bool) -> Result<u64, BoxError> {
+    let mut session = open_http2(port, target).await?;
+    let bytes = echo_all(&mut session.socket, batch).await?;
+    if abandon {
+        session.connection.abort();
+    } else {
+        close_cleanly(&mut session.socket).await?;
+    }
+    Ok(bytes)
+}
+
 async fn run_mix(base: &str, port: u16, until: Instant, counters: Arc<Counters>) {
     let mut tasks = Vec::new();
     for worker in 0..4 {
         let protocol = if worker % 2 == 0 { Protocol::Http1 } else { Protocol::Http2 };
         tasks.push(tokio::spawn(push_and_pull(base.to_string(), protocol, worker, until, counters.clone())));
+    }
+    for worker in 0..2 {
+        tasks.push(tokio::spawn(websocket_sessions(port, worker, until, counters.clone())));
     }
     tasks.push(tokio::spawn(misbehave(port, until, counters.clone())));
     for task in tasks {
@@ -119,9 +211,13 @@ async fn run_mix(base: &str, port: u16, until: Instant, counters: Arc<Counters>)
 async fn soak_mixed_traffic() {
     let seconds: u64 = std::env::var("SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(75);
     let registry = Registry::start();
+    let rancher = Rancher::start().await;
     let gateway = Gateway::start(&format!(
-        "[upstreams]\nharbor_core = \"{}\"\n[timeouts]\nkeep_alive = 2\nheader_read = 2\n",
-        registry.url()
+        "[upstreams]\nharbor_core = \"{}\"\nrancher = \"{}\"\n[upstream_tls]\nca_file = \"{}\"\n\
+         [timeouts]\nkeep_alive = 2\nheader_read = 2\n",
+        registry.url(),
+        rancher.url(),
+        ca_file().display()
     ));
     let pid = gateway.process.pid();
     let base = gateway.url("");
@@ -139,6 +235,8 @@ async fn soak_mixed_traffic() {
     // Clients are gone; idle connections close after keep_alive.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (rss_end, fds_end) = usage(pid);
+    let rancher_open = rancher.seen.lock().unwrap().open_sockets;
+    let failures = counters.websocket_failures.lock().unwrap().clone();
     eprintln!(
         "soak: {seconds} s, {} pushes, {} pulls, {} rejected, {} dropped connections; \
          RSS {rss_start} -> {rss_end} KiB, fds {fds_start} -> {fds_end}",
@@ -147,8 +245,25 @@ async fn soak_mixed_traffic() {
         counters.rejected.load(Ordering::Relaxed),
         counters.dropped.load(Ordering::Relaxed),
     );
+    eprintln!(
+        "soak: {} WebSocket sessions ({} closed, {} abandoned), {} messages, {} KiB echoed, \
+         {} failed; {rancher_open} still open at Rancher",
+        counters.websocket_sessions(),
+        counters.websocket_closed.load(Ordering::Relaxed),
+        counters.websocket_abandoned.load(Ordering::Relaxed),
+        counters.websocket_messages.load(Ordering::Relaxed),
+        counters.websocket_bytes.load(Ordering::Relaxed) / 1024,
+        failures.len(),
+    );
+    for failure in failures.iter().take(5) {
+        eprintln!("soak: WebSocket failure: {failure}");
+    }
     assert!(counters.pushes.load(Ordering::Relaxed) > 0, "no push completed");
     assert!(counters.rejected.load(Ordering::Relaxed) > 0, "no bad request was sent");
+    assert!(failures.is_empty(), "{} WebSocket sessions failed, first: {}", failures.len(), failures[0]);
+    assert!(counters.websocket_closed.load(Ordering::Relaxed) > 0, "no WebSocket session closed cleanly");
+    assert!(counters.websocket_abandoned.load(Ordering::Relaxed) > 0, "no WebSocket session was abandoned");
+    assert_eq!(rancher_open, 0, "WebSocket sessions outlived their clients at the Rancher fixture");
     assert!(fds_end <= fds_start + 4, "file descriptors grew from {fds_start} to {fds_end}");
     assert!(rss_end <= rss_start + 24 * 1024, "RSS grew from {rss_start} KiB to {rss_end} KiB");
 }

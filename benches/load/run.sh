@@ -20,6 +20,8 @@
 #                     server standing in for the registry so that the front
 #                     limits the rate (default 40000, quick 4000)
 #   GATEWAY_RUST_LOG  RUST_LOG for the gateway (default info)
+#   GATEWAY_CONFIG_EXTRA  TOML text appended to the gateway's configuration,
+#                     e.g. $'[runtime]\nworker_threads = 1'
 #   NGINX_ACCESS_LOG  1 (default, as Harbor does) or 0 to turn nginx logging off
 # Output: benches/load/results/<timestamp>/ (raw tool output, runs.tsv,
 # summary.txt); the summary is also printed and copied to results/latest.txt.

@@ -346,3 +346,4 @@ pub mod recorder;
 pub mod token_service;
 pub mod notary_server;
 pub mod ops;
+pub mod websocket;

@@ -43,6 +43,8 @@ pub struct Seen {
     pub upgrades: Vec<(String, HeaderMap)>,
     /// Close frames received from clients: (code, reason).
     pub client_closes: Vec<(u16, String)>,
+    /// WebSocket sessions whose connection is still open.
+    pub open_sockets: usize,
 }
 
 pub struct Rancher {
@@ -145,29 +147,9 @@ fn accept_websocket(mut request: Request<Incoming>, seen: Arc<Mutex<Seen>>) -> R
     let on_upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         let Ok(upgraded) = on_upgrade.await else { return };
-        let mut socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-        if socket.send(Message::text(GREETING)).await.is_err() {
-            return;
-        }
-        while let Some(Ok(message)) = socket.next().await {
-            match message {
-                Message::Text(text) if text.as_str() == CLOSE_ME => {
-                    let frame = CloseFrame { code: CloseCode::from(SERVER_CLOSE_CODE), reason: SERVER_CLOSE_REASON.into() };
-                    let _ = socket.close(Some(frame)).await;
-                }
-                Message::Text(_) | Message::Binary(_) => {
-                    if socket.send(message).await.is_err() {
-                        break;
-                    }
-                }
-                Message::Close(frame) => {
-                    let (code, reason) = frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
-                    seen.lock().unwrap().client_closes.push((code, reason));
-                    // tungstenite replies to the close frame by itself on the next poll.
-                }
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-            }
-        }
+        seen.lock().unwrap().open_sockets += 1;
+        serve_echo_socket(upgraded, &seen).await;
+        seen.lock().unwrap().open_sockets -= 1;
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -176,4 +158,33 @@ fn accept_websocket(mut request: Request<Incoming>, seen: Arc<Mutex<Seen>>) -> R
         .header("sec-websocket-accept", tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
         .body(Full::new(Bytes::new()))
         .unwrap()
+}
+
+async fn serve_echo_socket(upgraded: hyper::upgrade::Upgraded, seen: &Mutex<Seen>) {
+    let mut socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+    if socket.send(Message::text(GREETING)).await.is_err() {
+        return;
+    }
+    while let Some(Ok(message)) = socket.next().await {
+        match message {
+            Message::Text(text) if text.as_str() == CLOSE_ME => {
+                let frame = CloseFrame { code: CloseCode::from(SERVER_CLOSE_CODE), reason: SERVER_CLOSE_REASON.into() };
+                let _ = socket.close(Some(frame)).await;
+            }
+            Message::Text(_) | Message::Binary(_) => {
+                if socket.send(message).await.is_err() {
+                    break;
+                }
+            }
+            Message::Close(frame) => {
+                let (code, reason) = frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
+                seen.lock().unwrap().client_closes.push((code, reason));
+                // tungstenite replies to the close frame by itself on the next poll.
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+        }
+    }
+    // Go's TLS connections, Rancher's included, send close_notify when closed, but a dropped
+    // rustls stream does not. The gateway passes an unclean end on to its client.
+    let _ = tokio::io::AsyncWriteExt::shutdown(socket.get_mut()).await;
 }

@@ -114,8 +114,9 @@ start_nginx() {
 }
 
 # Start one harbor-gateway per upstream, each with a configuration that uses
-# only the documented keys. Returns 1 (and logs why) when the binary is
-# missing, so the run goes on without a gateway column.
+# only the documented keys, plus GATEWAY_CONFIG_EXTRA (TOML text) when set.
+# Returns 1 (and logs why) when the binary is missing, so the run goes on
+# without a gateway column.
 start_gateway() {
     local upstream port admin_port config pid
     if [[ ! -x $GATEWAY_BIN ]]; then
@@ -142,6 +143,7 @@ harbor_core = "http://127.0.0.1:${UP_PORT[$upstream]}"
 connect = 10
 registry_idle = 900
 default_idle = 1800
+${GATEWAY_CONFIG_EXTRA:-}
 EOF
         "$GATEWAY_BIN" check --config "$config" >"$WORK/gateway-$upstream-check.log" 2>&1 ||
             die "gateway check failed; see $WORK/gateway-$upstream-check.log"

@@ -101,6 +101,20 @@ async fn idle_connections_are_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn kept_alive_h1_waits_header_read() {
+    // keep_alive is 60 s, so only the header read timeout, which also runs while hyper
+    // waits for the next request line, can close this connection in time.
+    let setup = Setup::start("[timeouts]\nheader_read = 1\nkeep_alive = 60\n");
+    let mut tls = tls_connect(setup.gateway.port, "http/1.1").await;
+    tls.write_all(get("/v2/").as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let (data, closed) = read_to_close(&mut tls, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&String::from_utf8_lossy(&data)), 200);
+    assert!(closed, "a kept-alive connection with no next request stayed open");
+    assert!(started.elapsed() < Duration::from_secs(4), "closed only after {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn long_request_keeps_connection() {
     // keep_alive counts only time with no request in flight: a response that takes longer
     // than keep_alive must not be cut.
@@ -114,10 +128,13 @@ async fn long_request_keeps_connection() {
     let block = h2raw::header_block(&h2raw::get_fields("/v2/", &authority, &[]));
     h2.send(&h2raw::encode_frame(h2raw::HEADERS, h2raw::END_HEADERS | h2raw::END_STREAM, 1, &block)).await;
     let (frames, _) = h2.read_frames(Duration::from_secs(6)).await;
-    assert!(
-        frames.iter().any(|f| f.kind == h2raw::HEADERS && f.stream == 1),
-        "the stream got no response (expected 504 after 3 s, not a keep-alive close): {frames:?}"
-    );
+    let response = frames.iter().position(|f| f.kind == h2raw::HEADERS && f.stream == 1);
+    let response = response.unwrap_or_else(|| {
+        panic!("the stream got no response (expected 504 after 3 s, not a keep-alive close): {frames:?}")
+    });
+    // A GOAWAY is due 1 s after the response ends, never while the request is in flight.
+    let goaway = frames.iter().position(|f| f.kind == h2raw::GOAWAY);
+    assert!(goaway.is_none_or(|at| at > response), "GOAWAY while the request was in flight: {frames:?}");
     assert!(data_has(&frames, 1, "did not respond within 3 s"), "{frames:?}");
 }
 
@@ -233,9 +250,13 @@ async fn large_headers_pass_and_oversized_get_431() {
         // Far above the limit the parser itself responds with 431 and closes without reading
         // further. The client may still be writing then, so over HTTP/1.1 it can see the
         // reset before the response; either way nothing reaches an upstream (checked below).
+        // The parser's 431 has no body, unlike the gateway's. A body here means that the
+        // parser took the whole head into memory.
         let huge = "h".repeat(400 << 10);
         if let Ok(response) = send("/dashboard", &huge).await {
             assert_eq!(response.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "{protocol:?}");
+            let body = body_text(response.into_body()).await;
+            assert_eq!(body, "", "{protocol:?}: the head above the parser limit was read whole");
         }
     }
     // Only the two requests within the limit reached the registry.
@@ -352,11 +373,25 @@ async fn refused_upgrade_keeps_framing_checks() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bare_lf_in_chunk_line_fails_upload() {
     let setup = Setup::start("");
-    let request = "PATCH /v2/x/blobs/uploads/1 HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n";
-    let (response, closed) = raw_http1(setup.gateway.port, request.as_bytes(), Duration::from_secs(3)).await;
+    let head = "PATCH /v2/x/blobs/uploads/1 HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\n\r\n";
+    let body = "5\nhello\r\n0\r\n\r\n";
+    let (response, closed) = raw_http1(setup.gateway.port, format!("{head}{body}").as_bytes(), Duration::from_secs(3)).await;
     assert_eq!(status_of(&response), 400, "{response}");
     assert!(closed);
     assert_eq!(setup.upstream_requests(), 0, "{:?}", setup.core.requests());
+
+    // The same body 300 ms after the head: the gateway waits for the first body frame
+    // before it opens the upstream request, so the upstream still sees nothing.
+    let mut tls = tls_connect(setup.gateway.port, "http/1.1").await;
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(write_tolerant(&mut tls, body.as_bytes()).await);
+    let (data, closed) = read_to_close(&mut tls, Duration::from_secs(3)).await;
+    let response = String::from_utf8_lossy(&data);
+    assert_eq!(status_of(&response), 400, "delayed body: {response}");
+    assert!(closed, "delayed body: the connection stayed open");
+    assert_eq!(setup.upstream_requests(), 0, "delayed body: {:?}", setup.core.requests());
 }
 
 /// `(path, upstream that must get it byte for byte)`, or `None` for 400.

@@ -65,7 +65,9 @@ async fn silent_upstream_gives_504() {
     let gateway = Gateway::start(&format!("[upstreams]\nharbor_core = \"{}\"\n[timeouts]\nregistry_idle = 1\n", upstream.url()));
     for protocol in [Protocol::Http1, Protocol::Http2] {
         let started = Instant::now();
-        let response = get(&https_client(protocol), gateway.url("/v2/")).await;
+        let response = tokio::time::timeout(Duration::from_secs(10), get(&https_client(protocol), gateway.url("/v2/")))
+            .await
+            .unwrap_or_else(|_| panic!("{protocol:?}: no response 10 s after the request, expected 504 after 1 s"));
         assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
         assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
         let body = body_text(response.into_body()).await;
@@ -247,4 +249,69 @@ async fn registry_discards_aborted_upload() {
         .await
         .unwrap();
     assert_eq!(done.status(), StatusCode::CREATED);
+}
+
+/// Starts a raw HTTP/1.1 upstream that reads a `Content-Length` body at about 2.5 MB/s for
+/// its first 5 s and at full speed after that, then responds with 201 and the number of
+/// body bytes it read. The fast end keeps the wait short after the gateway's last body frame,
+/// when the kernel's socket buffers can still hold megabytes.
+async fn slow_reading_upstream() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else { return };
+        let mut received = Vec::new();
+        let mut piece = vec![0u8; 64 << 10];
+        let head_end = loop {
+            let n = stream.read(&mut piece[..1024]).await.unwrap();
+            assert!(n > 0, "the gateway closed within the request head");
+            received.extend_from_slice(&piece[..n]);
+            if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .map(|value| value.trim().parse().unwrap())
+            .expect("the upload has a Content-Length");
+        let mut body = received.len() - head_end;
+        let slow_until = Instant::now() + Duration::from_secs(5);
+        while body < length {
+            let n = stream.read(&mut piece).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            body += n;
+            if Instant::now() < slow_until {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+        let text = format!("read {body}");
+        let response = format!("HTTP/1.1 201 Created\r\ncontent-length: {}\r\n\r\n{text}", text.len());
+        let _ = stream.write_all(response.as_bytes()).await;
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_reading_upstream_gets_whole_upload() {
+    // The upstream reads slowly for 5 s, more than twice registry_idle. The body is larger
+    // than what it reads in that time plus what socket buffers hold, so frames keep moving
+    // all the while and the wait for its response must not expire.
+    let port = slow_reading_upstream().await;
+    let gateway = Gateway::start(&format!(
+        "[upstreams]\nharbor_core = \"http://127.0.0.1:{port}\"\n[timeouts]\nregistry_idle = 2\n"
+    ));
+    let data = vec![9u8; 32 << 20];
+    let started = Instant::now();
+    let request = Request::put(gateway.url("/v2/x/blobs/uploads/1?digest=sha256:0")).body(full(data)).unwrap();
+    let response = https_client(Protocol::Http1).request(request).await.unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(response.status(), StatusCode::CREATED, "after {elapsed:?}");
+    assert_eq!(body_text(response.into_body()).await, format!("read {}", 32 << 20));
+    assert!(elapsed > Duration::from_secs(4), "the upstream read too fast to test anything: {elapsed:?}");
 }

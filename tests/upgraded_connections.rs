@@ -33,6 +33,18 @@ fn rancher_config(rancher: &Rancher, extra: &str) -> String {
     )
 }
 
+/// Waits for the gateway to exit after SIGTERM, and checks that it exited 0, well before the
+/// drain deadline, after closing every connection. Returns its log.
+fn assert_quick_drain(gateway: &mut Gateway, signalled: Instant) -> String {
+    let status = wait_for_exit(gateway, Duration::from_secs(DRAIN_SECONDS + 5));
+    let log = gateway.process.log_text();
+    assert_eq!(status.code(), Some(0), "{log}");
+    let elapsed = signalled.elapsed();
+    assert!(elapsed < Duration::from_secs(DRAIN_SECONDS / 2), "the drain took {elapsed:?}, waiting for the tunnel\n{log}");
+    assert!(log.contains("all connections closed; exiting"), "{log}");
+    log
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tunnel_holds_connection_slot() {
     let rancher = Rancher::start().await;
@@ -76,13 +88,8 @@ async fn drain_closes_http1_tunnel() {
         "expected a TLS close_notify, got {end:?}"
     );
 
-    let status = wait_for_exit(&mut gateway, Duration::from_secs(DRAIN_SECONDS + 5));
-    let log = gateway.process.log_text();
-    assert_eq!(status.code(), Some(0), "{log}");
-    let elapsed = signalled.elapsed();
-    assert!(elapsed < Duration::from_secs(DRAIN_SECONDS / 2), "the drain took {elapsed:?}\n{log}");
+    let log = assert_quick_drain(&mut gateway, signalled);
     assert!(log.contains("closing an upgraded connection for the drain"), "{log}");
-    assert!(log.contains("all connections closed; exiting"), "{log}");
     // The fixture notices the closed upstream connection in a task of its own.
     wait_until(Duration::from_secs(2), "the upstream side of the tunnel to close", || {
         std::future::ready(rancher.seen.lock().unwrap().open_sockets == 0)
@@ -102,13 +109,8 @@ async fn drain_closes_http2_tunnel() {
     let end = tokio::time::timeout(STEP, session.socket.next()).await.expect("the tunnel was not closed by the drain");
     assert!(!matches!(end, Some(Ok(_))), "expected the stream to end, got {end:?}");
 
-    let status = wait_for_exit(&mut gateway, Duration::from_secs(DRAIN_SECONDS + 5));
-    let log = gateway.process.log_text();
-    assert_eq!(status.code(), Some(0), "{log}");
-    let elapsed = signalled.elapsed();
-    assert!(elapsed < Duration::from_secs(DRAIN_SECONDS / 2), "the drain waited for the tunnel for {elapsed:?}\n{log}");
+    let log = assert_quick_drain(&mut gateway, signalled);
     assert!(log.contains("closing an upgraded connection for the drain"), "{log}");
-    assert!(log.contains("all connections closed; exiting"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -150,10 +152,5 @@ async fn drain_closes_http2_tunnel_after_requests() {
 
     let end = tokio::time::timeout(STEP, socket.next()).await.expect("the tunnel was not closed after the upload ended");
     assert!(!matches!(end, Some(Ok(_))), "expected the stream to end, got {end:?}");
-    let status = wait_for_exit(&mut gateway, Duration::from_secs(DRAIN_SECONDS + 5));
-    let log = gateway.process.log_text();
-    assert_eq!(status.code(), Some(0), "{log}");
-    let elapsed = signalled.elapsed();
-    assert!(elapsed < Duration::from_secs(DRAIN_SECONDS / 2), "the drain waited for the tunnel for {elapsed:?}\n{log}");
-    assert!(log.contains("all connections closed; exiting"), "{log}");
+    assert_quick_drain(&mut gateway, signalled);
 }

@@ -124,7 +124,7 @@ fn www_authenticate_rewrite(c: &mut Criterion) {
     group.finish();
 }
 
-/// The HTTP/1.1 framing guard on a typical manifest GET head, read whole and cut in two.
+/// Times the HTTP/1.1 framing guard on a typical manifest GET head, read whole and cut in two.
 fn framing_guard(c: &mut Criterion) {
     let head = b"GET /v2/library/alpine/manifests/3.20 HTTP/1.1\r\nHost: rancher.example.com\r\n\
         User-Agent: containerd/1.7.20\r\nAccept: application/vnd.oci.image.index.v1+json, \

@@ -5,15 +5,15 @@
 //! `Content-Length` as one, and accepts a bare LF as a line end. The gateway re-frames every
 //! request it forwards, so none of these can smuggle a request past it, but a parser in
 //! front of the gateway (a load balancer, a WAF) may read such a request differently. The
-//! gateway therefore refuses them.
+//! gateway therefore rejects them.
 //!
 //! [`FramingGuard`] sits between the TLS stream and hyper. It follows message boundaries
 //! in the bytes the client sends and buffers each request head until the head is
-//! complete. A head that breaks a rule never reaches hyper: the guard hands hyper a short
-//! stand-in request instead, which carries [`REJECTED_HEADER`] and `Connection: close`;
-//! [`rejected`] finds it and the handler answers 400 before anything else. The guard then
-//! reads nothing more from the client. A rule broken inside a chunked body fails the
-//! request body instead, because the request is already on its way.
+//! complete. A head that breaks a rule never reaches hyper. Instead the guard hands hyper a
+//! short stand-in request that carries [`REJECTED_HEADER`] and `Connection: close`, and the
+//! handler finds it with [`rejected`] and responds 400 before anything else. The guard then
+//! reads nothing more from the client. Inside a chunked body the request is already on its
+//! way, so the guard leaves bad chunk lines to hyper's decoder, which fails the body.
 //!
 //! After a request that asks for an upgrade, the guard reads nothing more until the
 //! response status is written: on `101 Switching Protocols` (or 2xx to CONNECT) the bytes

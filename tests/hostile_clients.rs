@@ -381,7 +381,7 @@ async fn bare_lf_in_chunk_line_fails_upload() {
     assert_eq!(setup.upstream_requests(), 0, "{:?}", setup.core.requests());
 
     // The same body 300 ms after the head: the gateway waits for the first body frame
-    // before it opens the upstream request, so the upstream still sees nothing.
+    // before it opens the upstream request, so the upstream still receives nothing.
     let mut tls = tls_connect(setup.gateway.port, "http/1.1").await;
     tls.write_all(head.as_bytes()).await.unwrap();
     tls.flush().await.unwrap();

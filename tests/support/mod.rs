@@ -38,20 +38,26 @@ pub fn free_port() -> u16 {
 }
 
 pub fn wait_for_port(addr: SocketAddr, child: &mut Child, log: &Path) {
+    if let Err(text) = try_wait_for_port(addr, child, log) {
+        panic!("{text}");
+    }
+}
+
+/// Waits until something listens on `addr`; returns the reason and the log if the process
+/// exits first or nothing listens after 30 s.
+pub fn try_wait_for_port(addr: SocketAddr, child: &mut Child, log: &Path) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return;
+            return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "process exited with {status} before listening on {addr}; log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            return Err(format!("process exited with {status} before listening on {addr}; log:\n{text}"));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("nothing listens on {addr} after 30 s; log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+    Err(format!("nothing listens on {addr} after 30 s; log:\n{}", std::fs::read_to_string(log).unwrap_or_default()))
 }
 
 pub fn require_program(name: &str) {
@@ -148,29 +154,35 @@ impl Gateway {
     /// Starts the gateway with `body` appended to a configuration that already sets the
     /// listeners and the test certificate. `body` adds `[upstreams]` and anything else.
     pub fn start(body: &str) -> Gateway {
+        Self::start_with(&repo_path("certs-test/tls.crt"), &repo_path("certs-test/tls.key"), body, &[])
+    }
+
+    /// Starts the gateway with the given certificate files and command-line arguments. Ports
+    /// come from [`free_port`], so another process may take one before the gateway binds it:
+    /// then the start is retried with new ports.
+    pub fn start_with(cert: &Path, key: &Path, body: &str, args: &[&str]) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let admin_port = free_port();
-        let config = format!(
-            "[listen]\nhttps = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{admin_port}\"\n\
-             [tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n{body}",
-            cert = repo_path("certs-test/tls.crt").display(),
-            key = repo_path("certs-test/tls.key").display(),
-        );
         let config_path = dir.path().join("gateway.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let process = spawn_gateway(&config_path, dir.path(), &[]);
-        let mut gateway = Gateway {
-            port,
-            admin_port,
-            config_path,
-            process,
-            dir,
-        };
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let log = gateway.process.log.clone();
-        wait_for_port(addr, &mut gateway.process.child, &log);
-        gateway
+        for attempt in 1..=3 {
+            let port = free_port();
+            let admin_port = free_port();
+            let config = format!(
+                "[listen]\nhttps = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{admin_port}\"\n\
+                 [tls]\ncert = \"{}\"\nkey = \"{}\"\n{body}",
+                cert.display(),
+                key.display(),
+            );
+            std::fs::write(&config_path, config).unwrap();
+            let mut process = spawn_gateway(&config_path, dir.path(), args);
+            let log = process.log.clone();
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            match try_wait_for_port(addr, &mut process.child, &log) {
+                Ok(()) => return Gateway { port, admin_port, dir, config_path, process },
+                Err(text) if attempt < 3 && text.contains("Address already in use") => continue,
+                Err(text) => panic!("{text}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     /// Starts the gateway in front of `registry` as Harbor core.

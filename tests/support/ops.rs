@@ -16,26 +16,12 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::{repo_path, spawn_gateway, tls_client_config, wait_for_port, free_port, Gateway};
+use super::{repo_path, tls_client_config, Gateway};
 
 /// Starts the gateway with the given certificate and key files and `--log-format` value;
 /// `body` adds `[upstreams]` and anything else.
 pub fn start_gateway_with_tls(cert: &Path, key: &Path, body: &str, log_format: &str) -> Gateway {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let admin_port = free_port();
-    let config = format!(
-        "[listen]\nhttps = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{admin_port}\"\n\
-         [tls]\ncert = \"{}\"\nkey = \"{}\"\n{body}",
-        cert.display(),
-        key.display(),
-    );
-    let config_path = dir.path().join("gateway.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let mut process = spawn_gateway(&config_path, dir.path(), &["--log-format", log_format]);
-    let log = process.log.clone();
-    wait_for_port(format!("127.0.0.1:{port}").parse().unwrap(), &mut process.child, &log);
-    Gateway { port, admin_port, dir, config_path, process }
+    Gateway::start_with(cert, key, body, &["--log-format", log_format])
 }
 
 /// Starts the gateway with the test certificate and the given log format.

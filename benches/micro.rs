@@ -66,18 +66,37 @@ fn registry_route(table: &RouteTable) -> (&harbor_gateway::routing::Route, usize
     (route, upstream)
 }
 
+/// Route table and upstream origins of the benchmark configuration, for the rewriters.
+struct Rewriting {
+    table: RouteTable,
+    origins: InternalOrigins,
+}
+
+impl Rewriting {
+    fn load() -> Rewriting {
+        let config = load_config();
+        Rewriting {
+            table: RouteTable::from_config(&config),
+            origins: InternalOrigins::new(&config.upstreams),
+        }
+    }
+
+    /// Returns the rewrite context of a response from the registry route's upstream.
+    fn registry_context(&self) -> RewriteContext<'_> {
+        let (route, upstream) = registry_route(&self.table);
+        RewriteContext {
+            table: &self.table,
+            origins: &self.origins,
+            public_host: PUBLIC_HOST,
+            route,
+            upstream,
+        }
+    }
+}
+
 fn location_rewrite(c: &mut Criterion) {
-    let config = load_config();
-    let table = RouteTable::from_config(&config);
-    let origins = InternalOrigins::new(&config.upstreams);
-    let (route, upstream) = registry_route(&table);
-    let context = RewriteContext {
-        table: &table,
-        origins: &origins,
-        public_host: PUBLIC_HOST,
-        route,
-        upstream,
-    };
+    let fixture = Rewriting::load();
+    let context = fixture.registry_context();
 
     let mut group = c.benchmark_group("location_rewrite");
     // An upload Location as distribution returns it, with its signed _state query.
@@ -100,17 +119,8 @@ fn location_rewrite(c: &mut Criterion) {
 }
 
 fn www_authenticate_rewrite(c: &mut Criterion) {
-    let config = load_config();
-    let table = RouteTable::from_config(&config);
-    let origins = InternalOrigins::new(&config.upstreams);
-    let (route, upstream) = registry_route(&table);
-    let context = RewriteContext {
-        table: &table,
-        origins: &origins,
-        public_host: PUBLIC_HOST,
-        route,
-        upstream,
-    };
+    let fixture = Rewriting::load();
+    let context = fixture.registry_context();
 
     let mut group = c.benchmark_group("www_authenticate_rewrite");
     let internal = r#"Bearer realm="http://harbor-core/service/token",service="harbor-registry",scope="repository:library/alpine:pull,push""#;

@@ -15,10 +15,9 @@
 //! reads nothing more from the client. Inside a chunked body the request is already on its
 //! way, so the guard leaves bad chunk lines to hyper's decoder, which fails the body.
 //!
-//! After a request that asks for an upgrade, the guard reads nothing more until the
-//! response status is written: on `101 Switching Protocols` (or 2xx to CONNECT) the bytes
-//! that follow are tunnel data and pass unchecked; on any other status they are the next
-//! request.
+//! After an upgrade request, the guard reads nothing more until the response status is
+//! written. After `101 Switching Protocols` (or 2xx to CONNECT) the bytes that follow are
+//! tunnel data and pass unchecked. After any other status they are the next request.
 
 use std::future::Future;
 use std::io;

@@ -24,22 +24,10 @@
 set -uo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_ROOT=$(cd "$BENCH_DIR/../.." && pwd)
-# shellcheck source=lib/common.sh
-source "$BENCH_DIR/lib/common.sh"
-# shellcheck source=lib/servers.sh
-source "$BENCH_DIR/lib/servers.sh"
-# shellcheck source=lib/seed.sh
-source "$BENCH_DIR/lib/seed.sh"
-# shellcheck source=lib/workloads.sh
-source "$BENCH_DIR/lib/workloads.sh"
+# shellcheck source=lib/setup.sh
+source "$BENCH_DIR/lib/setup.sh"
 
 [[ -n ${VARIANTS:-} ]] || die "VARIANTS is not set; set it, for example VARIANTS=\"base=/tmp/gw-old new=target/release/harbor-gateway\""
-CERT=$REPO_ROOT/certs-test/tls.crt
-KEY=$REPO_ROOT/certs-test/tls.key
-CA=$REPO_ROOT/certs-test/ca.crt
-CONNECTIONS=64
-STEP_TIMEOUT=${STEP_TIMEOUT:-120}
 ROUNDS=${ROUNDS:-3}
 STATIC_REQUESTS=${STATIC_REQUESTS:-20000}
 REQUESTS=${REQUESTS:-2000}

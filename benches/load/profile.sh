@@ -13,23 +13,9 @@
 set -uo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_ROOT=$(cd "$BENCH_DIR/../.." && pwd)
-# shellcheck source=lib/common.sh
-source "$BENCH_DIR/lib/common.sh"
-# shellcheck source=lib/servers.sh
-source "$BENCH_DIR/lib/servers.sh"
-# shellcheck source=lib/seed.sh
-source "$BENCH_DIR/lib/seed.sh"
-# shellcheck source=lib/workloads.sh
-source "$BENCH_DIR/lib/workloads.sh"
+# shellcheck source=lib/setup.sh
+source "$BENCH_DIR/lib/setup.sh"
 
-QUICK=${QUICK:-0}
-GATEWAY_BIN=${GATEWAY_BIN:-${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/harbor-gateway}
-CERT=$REPO_ROOT/certs-test/tls.crt
-KEY=$REPO_ROOT/certs-test/tls.key
-CA=$REPO_ROOT/certs-test/ca.crt
-CONNECTIONS=64
-STEP_TIMEOUT=${STEP_TIMEOUT:-120}
 REQUESTS=${REQUESTS:-40000}
 # Through the real registry, which serves about 1000 requests/s on 2 cores.
 REGISTRY_REQUESTS=${REGISTRY_REQUESTS:-3000}

@@ -28,23 +28,9 @@
 set -uo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_ROOT=$(cd "$BENCH_DIR/../.." && pwd)
-# shellcheck source=lib/common.sh
-source "$BENCH_DIR/lib/common.sh"
-# shellcheck source=lib/servers.sh
-source "$BENCH_DIR/lib/servers.sh"
-# shellcheck source=lib/seed.sh
-source "$BENCH_DIR/lib/seed.sh"
-# shellcheck source=lib/workloads.sh
-source "$BENCH_DIR/lib/workloads.sh"
+# shellcheck source=lib/setup.sh
+source "$BENCH_DIR/lib/setup.sh"
 
-QUICK=${QUICK:-0}
-GATEWAY_BIN=${GATEWAY_BIN:-${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/harbor-gateway}
-CERT=$REPO_ROOT/certs-test/tls.crt
-KEY=$REPO_ROOT/certs-test/tls.key
-CA=$REPO_ROOT/certs-test/ca.crt
-CONNECTIONS=64
-STEP_TIMEOUT=${STEP_TIMEOUT:-120}
 CHUNK_SIZE=$((8 * 1024 * 1024))
 declare -A LAYER_SIZES=([layer4k]=4096 [layer1m]=1048576 [layer64m]=67108864)
 if [[ $QUICK == 1 ]]; then
